@@ -1,0 +1,103 @@
+"""GPT-2 architecture settings, read from a HuggingFace `config.json`."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# HF settings that change the maths and that this implementation does not do: refused by name.
+_UNSUPPORTED = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "scale_attn_weights": True,
+}
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh approximation
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int = 3072
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: int | None = None
+    embd_pdrop: float = 0.1  # dropout, active in training mode only
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+
+    def __post_init__(self):
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_function={self.activation_function!r} is not supported; "
+                f"gpt2mh implements {', '.join(_ACTIVATIONS)} (GPT-2's tanh GELU)"
+            )
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config") -> "GPT2Config":
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{source}: model_type={d.get('model_type')!r}; gpt2mh loads GPT-2 checkpoints only")
+        for key, supported in _UNSUPPORTED.items():
+            if key in d and bool(d[key]) != supported:
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported by gpt2mh (only {supported})")
+        try:
+            n_embd = int(d["n_embd"])
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                n_positions=int(d["n_positions"]),
+                n_embd=n_embd,
+                n_layer=int(d["n_layer"]),
+                n_head=int(d["n_head"]),
+                n_inner=int(d.get("n_inner") or 4 * n_embd),
+                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+                activation_function=d.get("activation_function", "gelu_new"),
+                bos_token_id=int(d.get("bos_token_id", 50256)),
+                eos_token_id=int(d.get("eos_token_id", 50256)),
+                pad_token_id=None if d.get("pad_token_id") is None else int(d["pad_token_id"]),
+                embd_pdrop=float(d.get("embd_pdrop", 0.1)),
+                attn_pdrop=float(d.get("attn_pdrop", 0.1)),
+                resid_pdrop=float(d.get("resid_pdrop", 0.1)),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: required setting {e.args[0]!r} is missing") from None
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GPT2Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json; a checkpoint folder needs one") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(d, source=str(path))
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` that transformers' GPT2LMHeadModel loads."""
+        d = asdict(self)
+        d.update(
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            n_ctx=self.n_positions,
+            tie_word_embeddings=False,
+        )
+        return d

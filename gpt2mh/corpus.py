@@ -1,0 +1,149 @@
+"""hironsancorpus (MIT, 500 Japanese news sentences in IOB2) as a three-head dataset.
+
+One input (the sentence), three targets of different kinds: its katakana reading, its named
+entities, its coarse part-of-speech sequence.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import unicodedata
+from pathlib import Path
+from typing import NamedTuple
+
+from gpt2mh.data import Example, write_jsonl
+
+HEADS = ("reading", "entities", "pos")
+NO_ENTITIES = "なし"
+TRAIN_FRACTION = 0.9  # the package's own split: first 90% train, rest test
+_HIRAGANA_TO_KATAKANA = {c: c + 0x60 for c in [*range(0x3041, 0x3097), 0x309D, 0x309E]}
+
+
+class Token(NamedTuple):
+    surface: str
+    pos: str  # coarse part of speech (名詞, 助詞, ...)
+    reading: str  # katakana; derived from the surface where the corpus has none
+    tag: str  # IOB2: O, B-TYPE, I-TYPE
+
+
+def corpus_path() -> Path:
+    # importlib.resources.files("hironsan.corpus") would import hironsan.corpus, whose __init__ parses
+    # the whole file at import time; find_spec on the top-level package locates it without importing.
+    spec = importlib.util.find_spec("hironsan")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "corpus" / "iob_sents.txt"
+        if path.is_file():
+            return path
+    raise FileNotFoundError("hironsan/corpus/iob_sents.txt not found; pip install hironsancorpus==0.1.2")
+
+
+def parse_iob(text: str, name: str = "iob_sents.txt") -> list[tuple[int, list[Token]]]:
+    """Sentences as (line of their first token, tokens); blank lines separate sentences."""
+    sentences, tokens, start = [], [], 0
+    for line, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.rstrip("\r")  # not strip(): a surface can be U+3000, which strip() would eat
+        if not raw.strip():
+            if tokens:
+                sentences.append((start, tokens))
+            tokens = []
+            continue
+        if not tokens:
+            start = line
+        tokens.append(_token(raw, f"{name}:{line}"))
+    if tokens:
+        sentences.append((start, tokens))
+    return sentences
+
+
+def _token(raw: str, where: str) -> Token:
+    # surface, char type, POS x4, conjugation x2, base form, reading, pronunciation, tag.
+    # Unknown words stop after the base form, so the tag is always the last field, not field 11.
+    fields = raw.split("\t")
+    if len(fields) < 2:
+        raise ValueError(f"{where}: expected TAB-separated fields (surface ... IOB2 tag), got {raw!r}")
+    surface, tag = fields[0], fields[-1]
+    if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+        raise ValueError(f"{where}: {tag!r} is not an IOB2 tag (O, B-TYPE, I-TYPE)")
+    pos = fields[2] if len(fields) > 3 else "*"
+    reading = fields[9] if len(fields) > 10 and fields[9] != "*" else _reading_of(surface)
+    return Token(surface, pos, reading, tag)
+
+
+def _reading_of(surface: str) -> str:
+    # No dictionary reading: digits NFKC'd (full-width -> ASCII), hiragana -> katakana, rest kept.
+    text = "".join(unicodedata.normalize("NFKC", c) if c.isdecimal() else c for c in surface)
+    return text.translate(_HIRAGANA_TO_KATAKANA)
+
+
+@functools.lru_cache(maxsize=1)
+def _sentences() -> tuple[tuple[int, tuple[Token, ...]], ...]:
+    text = corpus_path().read_text(encoding="utf-8")
+    return tuple((line, tuple(tokens)) for line, tokens in parse_iob(text))
+
+
+def _split(split: str) -> tuple[tuple[int, tuple[Token, ...]], ...]:
+    sentences = _sentences()
+    n_train = int(len(sentences) * TRAIN_FRACTION)
+    if split == "train":
+        return sentences[:n_train]
+    if split == "test":
+        return sentences[n_train:]
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def load_sentences() -> tuple[list[list[Token]], list[list[Token]]]:
+    return tuple([list(tokens) for _, tokens in _split(s)] for s in ("train", "test"))
+
+
+def entities(tokens: list[Token]) -> list[tuple[str, str]]:
+    """(text, TYPE) spans in order; an I- tag that does not continue a span of its type starts one."""
+    spans: list[list[str]] = []  # [type, text]
+    inside = None
+    for tok in tokens:
+        kind, _, etype = tok.tag.partition("-")
+        if kind == "O":
+            inside = None
+        elif kind == "I" and inside == etype:
+            spans[-1][1] += tok.surface
+        else:
+            spans.append([etype, tok.surface])
+            inside = etype
+    return [(text, etype) for etype, text in spans]
+
+
+def to_example(tokens: list[Token], source: str) -> Example:
+    spans = entities(tokens)
+    targets = {
+        "reading": "".join(t.reading for t in tokens),
+        "entities": " ".join(f"{text}/{etype}" for text, etype in spans) if spans else NO_ENTITIES,
+        "pos": " ".join(t.pos for t in tokens),
+    }
+    return Example("".join(t.surface for t in tokens), targets, source)
+
+
+def build_examples(split: str = "train") -> list[Example]:
+    return [to_example(list(tokens), f"iob_sents.txt:{line}") for line, tokens in _split(split)]
+
+
+def write_dataset(folder) -> dict[str, Path]:
+    folder = Path(folder)
+    return {split: write_jsonl(folder / f"{split}.jsonl", build_examples(split)) for split in ("train", "test")}
+
+
+def char_accuracy(pred: str, ref: str) -> float:
+    return max(0.0, 1.0 - levenshtein(pred, ref) / max(len(ref), 1))
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(pred == ref)
+
+
+def levenshtein(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a  # keep the DP row as short as the shorter string
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, start=1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
