@@ -301,6 +301,7 @@ def stream(model: MultiHeadGPT2, tokenizer, input_ids, attention_mask=None, head
     done = {(name, j): False for name in rows for j in range(len(rows[name]))}
     ids = {key: [] for key in done}
     sent = {key: "" for key in done}
+    was_training = model.training
     model.eval()
     try:
         for tok in decode_loop(model, st, input_ids, attention_mask, compile, gen):
@@ -322,6 +323,7 @@ def stream(model: MultiHeadGPT2, tokenizer, input_ids, attention_mask=None, head
                         sent[key] = stable
     finally:
         model.clear_cache()
+        model.train(was_training)
 
 
 # ---- text in, text out ------------------------------------------------------------------------

@@ -31,11 +31,4 @@ def encode_prompts(tokenizer, texts: Sequence[str], model) -> tuple[torch.Tensor
     check_vocab(tokenizer, model)
     if isinstance(texts, str) or not len(texts):
         raise ValueError("expected a non-empty list of input strings")
-    ids = [encode_input(tokenizer, t) for t in texts]
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), T, dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, T - len(x):] = torch.tensor(x)
-        mask[i, T - len(x):] = 1
-    return input_ids, mask
+    return tokenizer.batch_encode(list(texts), add_eos=True, max_length=model.config.n_positions)  # as encode_input

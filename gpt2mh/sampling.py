@@ -11,21 +11,26 @@ generation/logits_process.py:
     repetition_penalty -> no_repeat_ngram -> bad_words -> min_new_tokens (EOS ban)
     -> [do_sample streams only] temperature -> top_k -> top_p -> min_p -> typical_p
 A setting that is "off" is encoded as a value that makes its step an exact no-op (x / 1.0,
-`x < min(x)`, ...), so such streams get bit-for-bit what HF gives without that processor.
+x < -inf, cumulative prob <= -1, ...), so such streams get bit-for-bit what HF gives without that
+processor. top_p and typical_p sort exactly the tensors HF sorts, so even tied tokens at a cut fall
+the same way in eager mode (a compiled sort may order ties differently).
 """
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_new_tokens", "max_new_tokens", "num_return_sequences")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty")
 _TYPICAL_OFF = 2.0  # typical mass > 1: every cumulative prob is below it, so nothing is removed
 _TOP_P_OFF = -1.0  # cut below any cumulative prob: nothing is removed
+_NEG_INF = float("-inf")
 
 
 def _tuple(x):
@@ -38,7 +43,7 @@ def _require(ok: bool, name: str, value, allowed: str) -> None:
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class SamplingConfig:
             _require(_is_int(getattr(self, name)), name, getattr(self, name), "must be an integer")
         for name in _FLOAT_FIELDS:
             v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and not isinstance(v, bool), name, v, "must be a number")
+            _require(isinstance(v, numbers.Real) and not isinstance(v, bool), name, v, "must be a number")
         _require(isinstance(self.do_sample, bool), "do_sample", self.do_sample, "must be True or False")
         if self.do_sample:  # `not x > 0` also catches NaN
             _require(self.temperature > 0, "temperature", self.temperature,
@@ -201,7 +206,7 @@ class Plan:
     min_new_tokens: bool = False
     any_sample: bool = False
     temperature: bool = False
-    top_k: bool = False
+    top_k: int = 0  # max min(top_k, V) over sampling streams, 0 = off
     top_p: bool = False
     min_p: bool = False
     typical_p: bool = False
@@ -215,7 +220,7 @@ class Controls(NamedTuple):
 
     do_sample: Tensor  # [S] bool
     temperature: Tensor  # [S] f32, 1 = off
-    top_k: Tensor  # [S] long: where the k-th largest score sits in an ascending sort, V - k; 0 = off
+    top_k: Tensor  # [S] long: min(k, V) - 1, the k-th largest's index in a top-(plan.top_k); plan.top_k = off
     top_p_cut: Tensor  # [S] f32: HF's `1 - top_p`, cumulative probs <= cut are removed; -1 = off
     min_p: Tensor  # [S] f32, 0 = off
     typical_p: Tensor  # [S] f32 mass, 2 = off
@@ -242,7 +247,8 @@ def build_controls(
     V = vocab_size
     which = torch.as_tensor(stream_config, dtype=torch.long).cpu()
     if which.ndim != 1 or which.numel() == 0:
-        raise ValueError(f"stream_config must be a non-empty 1-d list of config indices, got shape {tuple(which.shape)}")
+        raise ValueError(f"stream_config must be a non-empty 1-d list of config indices, "
+                         f"got shape {tuple(which.shape)}")
     if int(which.min()) < 0 or int(which.max()) >= len(configs):
         raise ValueError(f"stream_config indices must be in [0, {len(configs)}), got {which.tolist()}")
     for i, cfg in enumerate(configs):
@@ -275,10 +281,12 @@ def build_controls(
         words[j, Lmax - len(w):] = torch.tensor(w)
         use[:, j] = torch.tensor([w in c.bad_words_ids for c in configs])
 
+    sampling = [c for c in used if c.do_sample]
+    kmax = max((min(c.top_k, V) for c in sampling), default=0)
     controls = Controls(
         do_sample=per_stream([c.do_sample for c in configs], torch.bool),
         temperature=per_stream([sampled(c, True, c.temperature, 1.0) for c in configs], torch.float32),
-        top_k=per_stream([sampled(c, c.top_k > 0, V - min(c.top_k, V), 0) for c in configs], torch.long),
+        top_k=per_stream([sampled(c, c.top_k > 0, min(c.top_k, V) - 1, kmax) for c in configs], torch.long),
         top_p_cut=per_stream([sampled(c, c.top_p < 1, 1 - c.top_p, _TOP_P_OFF) for c in configs], torch.float32),
         min_p=per_stream([sampled(c, True, c.min_p, 0.0) for c in configs], torch.float32),
         typical_p=per_stream([sampled(c, c.typical_p < 1, c.typical_p, _TYPICAL_OFF) for c in configs],
@@ -295,7 +303,6 @@ def build_controls(
         max_new=per_stream([c.max_new_tokens for c in configs], torch.long),
         pad=per_stream([c.pad_token_id for c in configs], torch.long),
     )
-    sampling = [c for c in used if c.do_sample]
     plan = Plan(
         repetition_penalty=any(c.repetition_penalty != 1 for c in used),
         no_repeat_ngram=max(c.no_repeat_ngram_size for c in used),
@@ -304,7 +311,7 @@ def build_controls(
         min_new_tokens=any(c.min_new_tokens > 0 and c.eos_ids for c in used),
         any_sample=bool(sampling),
         temperature=any(c.temperature != 1 for c in sampling),
-        top_k=any(c.top_k > 0 for c in sampling),
+        top_k=kmax,
         top_p=any(c.top_p < 1 for c in sampling),
         min_p=any(c.min_p > 0 for c in sampling),
         typical_p=any(c.typical_p < 1 for c in sampling),
@@ -313,7 +320,7 @@ def build_controls(
 
 
 def _mask(ids: Tensor, V: int) -> Tensor:
-    """[S, K] token ids (V = nothing) -> [S, V] bool presence; column V is the dump for V."""
+    """[S, K] token ids -> [S, V] bool presence. Id V means "nothing": it lands in a dropped dump column."""
     return torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)[:, :V]
 
 
@@ -343,10 +350,12 @@ def _bad_word_bans(history: Tensor, cur_len: Tensor, c: Controls, V: int) -> Ten
 def process(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c: Controls, plan: Plan) -> Tensor:
     """Apply the HF processors, then (sampling streams only) the warpers. scores [S, V] f32.
 
-    history[:, :cur_len] holds each stream's tokens so far (prompt with its left padding, then
-    generated tokens), like HF's input_ids; later positions are ignored. step = tokens generated so far.
+    history [S, L] long: history[:, :cur_len] holds each stream's tokens so far (prompt with its left
+    padding, then generated tokens; all ids in [0, V)), like HF's input_ids; later positions are
+    ignored. cur_len, step: 0-d long tensors (not ints, so new values do not recompile); step =
+    tokens generated so far (for min_new_tokens).
     """
-    S, V = scores.shape
+    V = scores.shape[1]
     if plan.repetition_penalty:
         seen = torch.arange(history.shape[1], device=history.device) < cur_len
         present = _mask(torch.where(seen, history, V), V)
@@ -365,36 +374,32 @@ def process(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c: C
         eos = c.eos_mask & (step < c.min_new)[:, None]
         ban = eos if ban is None else ban | eos
     if ban is not None:
-        scores = scores.masked_fill(ban, float("-inf"))
+        scores = scores.masked_fill(ban, _NEG_INF)
     return _warp(scores, c, plan) if plan.any_sample else scores
 
 
 def _warp(scores: Tensor, c: Controls, plan: Plan) -> Tensor:
-    inf = float("-inf")
     if plan.temperature:
         scores = scores / c.temperature[:, None]
-    if plan.top_k or plan.top_p:
-        asc, order = scores.sort(-1)  # one ascending sort serves both; HF's top_p sorts ascending too
-        if plan.top_k:
-            kth = asc.gather(1, c.top_k[:, None])
-            scores = scores.masked_fill(scores < kth, inf)
-            asc = asc.masked_fill(asc < kth, inf)  # still sorted: the removed ones were the smallest
-        if plan.top_p:
-            drop = asc.softmax(-1).cumsum(-1) <= c.top_p_cut[:, None]
-            drop[:, -1] = False  # min_tokens_to_keep=1: the most likely token stays
-            scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), inf)
+    if plan.top_k:  # k-th largest of each stream from one top-(max k); the extra -inf column is "off"
+        top = F.pad(scores.topk(plan.top_k).values, (0, 1), value=_NEG_INF)
+        scores = scores.masked_fill(scores < top.gather(1, c.top_k[:, None]), _NEG_INF)
+    if plan.top_p:  # sort exactly what HF sorts, so tied tokens at the cut fall the same way
+        asc, order = scores.sort(-1)
+        drop = asc.softmax(-1).cumsum(-1) <= c.top_p_cut[:, None]
+        drop[:, -1] = False  # min_tokens_to_keep=1: the most likely token stays
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
     if plan.min_p:  # the top token has probs == top >= min_p * top, so it always stays
         probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < c.min_p[:, None] * probs.amax(-1, keepdim=True), inf)
+        scores = scores.masked_fill(probs < c.min_p[:, None] * probs.amax(-1, keepdim=True), _NEG_INF)
     if plan.typical_p:
         logp = scores.log_softmax(-1)
         ent = -(logp * logp.exp()).nansum(-1, keepdim=True)
         shifted, order = (-logp - ent).abs().sort(-1)
         cum = scores.gather(1, order).softmax(-1).cumsum(-1)
         last = (cum < c.typical_p[:, None]).sum(1, keepdim=True).clamp(max=scores.shape[1] - 1)
-        drop = shifted > shifted.gather(1, last)
-        drop[:, 0] = False  # min_tokens_to_keep=1
-        scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), inf)
+        drop = shifted > shifted.gather(1, last)  # never the first: HF's min_tokens_to_keep=1 fill is moot
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
     return scores
 
 

@@ -30,7 +30,12 @@ def score(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.T
     dev = model.device
     ids = torch.cat([input_ids, target_ids], 1).to(dev)  # (B, T+U)
     mask = torch.cat([attention_mask, target_mask], 1).to(dev)
-    h = model.hidden(ids, position_ids_from_mask(mask), padded_causal_mask(mask))  # (B, T+U, C)
+    was_training = model.training
+    model.eval()  # scores are a property of the weights: no dropout, even mid fine-tune
+    try:
+        h = model.hidden(ids, position_ids_from_mask(mask), padded_causal_mask(mask))  # (B, T+U, C)
+    finally:
+        model.train(was_training)
     rows, cols = target_mask.to(dev).nonzero(as_tuple=True)  # target tokens, (M,)
     h_sel = h[rows, T + cols - 1]  # the hidden state that predicts each target token, (M, C)
     idx = model.head_index(heads)

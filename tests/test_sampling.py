@@ -91,7 +91,7 @@ CONTROLS = {  # per control: several streams, each with a different setting (one
     + [GREEDY.replace(min_new_tokens=5, eos_token_id=(3, 7, 8))],
     "temperature": [SAMPLE.replace(temperature=t) for t in (1.0, 0.7, 1.5, 0.05)] + [GREEDY.replace(temperature=3.0)],
     "top_k": [SAMPLE.replace(top_k=k) for k in (0, 1, 5, 17, 100)] + [GREEDY.replace(top_k=3)],
-    "top_p": [SAMPLE.replace(top_p=p) for p in (1.0, 0.95, 0.5, 0.1, 1e-6)]
+    "top_p": [SAMPLE.replace(top_p=p) for p in (1.0, 0.95, 0.5, 0.1, 1e-9)]  # 1 - 1e-9 == 1 in f32
     + [GREEDY.replace(top_p=0.3), SAMPLE.replace(temperature=3.0, top_k=4, top_p=0.6)],
     "min_p": [SAMPLE.replace(min_p=p) for p in (0.0, 0.05, 0.3, 1.0)] + [GREEDY.replace(min_p=0.5)],
     "typical_p": [SAMPLE.replace(typical_p=p) for p in (1.0, 0.95, 0.5, 0.2, 1e-4)] + [GREEDY.replace(typical_p=0.3)],
@@ -117,13 +117,13 @@ def test_process_matches_hf(name):
 
 def test_no_repeat_ngram_and_bad_word_prefix_actually_ban():
     configs = [GREEDY.replace(no_repeat_ngram_size=3), GREEDY.replace(bad_words_ids=[[4, 5, 6], [5, 17]])]
-    hist = torch.tensor([[1, 2, 9, 8, 1, 2], [0, 0, 1, 4, 5, 5]])  # "1 2 -> 9" repeats; "... 4 5" / "5" prefixes
+    hist = torch.tensor([[1, 2, 9, 8, 1, 2], [0, 0, 1, 4, 4, 5]])  # "1 2 -> 9" seen before; ends in "4 5"
     ours, plan = assert_matches_hf(configs, [0, 1], cur_len=6, step=2, seed=0, history=hist)
     assert plan.no_repeat_ngram == 3 and plan.bad_words_multi == 3
-    assert ours[0, 9] == -math.inf and ours[1, 17] == -math.inf and ours[1, 6] == ours[1, 6]
-    hist[1, 4] = 5  # now "4 5" no longer ends the history... but "5" does
+    assert ours[0, 9] == -math.inf and ours[1, 6] == -math.inf and ours[1, 17] == -math.inf
+    hist[1, 4] = 3  # ends in "3 5": (4, 5, 6) no longer applies, (5, 17) still does
     ours, _ = assert_matches_hf(configs, [0, 1], cur_len=6, step=2, seed=0, history=hist)
-    assert ours[1, 17] == -math.inf
+    assert ours[1, 6] > -math.inf and ours[1, 17] == -math.inf
 
 
 def test_top_p_boundary_and_ties():
@@ -153,7 +153,7 @@ def test_plan_reflects_used_configs_only():
     _, plan = build_controls(configs, [0, 0, 2], V, "cpu")
     assert plan == Plan()  # config 1 unused; a bad word equal to EOS is dropped, as in HF
     c, plan = build_controls(configs, [1, 0], V, "cpu")
-    assert plan == Plan(any_sample=True, top_k=True, bad_words_multi=3)
+    assert plan == Plan(any_sample=True, top_k=5, bad_words_multi=3)
     assert c.bad_words.tolist() == [[1, 2, 3]] and c.bad_use.tolist() == [[True], [False]]
 
 
@@ -233,8 +233,9 @@ def test_from_string():
 def _everything():
     configs = [cfg.replace(eos_token_id=EOS, pad_token_id=PAD) for cfg in CONTROLS["mixed"]]
     c, plan = build_controls(configs, [0, 1, 2, 3], V, "cpu")
-    assert plan == Plan(True, 3, True, 3, True, True, True, True, True, True, True)
+    assert plan == Plan(True, 3, True, 3, True, True, True, 20, True, True, True)
     scores, hist = make_inputs(4, 10, seed=5)
+    scores[1::2] += torch.rand(2, V) * 0.1  # no ties: compiled sorts may order ties differently
     noise = torch.empty(4, V).exponential_(generator=torch.Generator().manual_seed(0))
 
     def step_fn(scores, history, cur_len, step, noise, c):
@@ -255,12 +256,17 @@ def test_compile_health_no_graph_breaks():
 def test_compiled_equals_eager():
     torch._dynamo.reset()
     fn, args = _everything()
-    eager = fn(*args)
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)(*args)
-    assert torch.equal(eager[0] == -math.inf, compiled[0] == -math.inf)
-    fin = eager[0] > -math.inf
-    torch.testing.assert_close(compiled[0][fin], eager[0][fin], atol=1e-6, rtol=0)
-    assert torch.equal(compiled[1], eager[1]) and torch.equal(compiled[2], eager[2])
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    for cur_len, step in [(10, 3), (12, 5)]:  # new cur_len / step values must not recompile
+        args[1][:, :cur_len] = args[1][:, :cur_len].remainder(6)  # "generated" tokens replace the garbage
+        args = (*args[:2], torch.tensor(cur_len), torch.tensor(step), *args[4:])
+        eager = fn(*args)
+        with torch.compiler.set_stance("fail_on_recompile" if step == 5 else "default"):
+            out = compiled(*args)
+        assert torch.equal(eager[0] == -math.inf, out[0] == -math.inf)
+        fin = eager[0] > -math.inf
+        torch.testing.assert_close(out[0][fin], eager[0][fin], atol=1e-6, rtol=0)
+        assert torch.equal(out[1], eager[1]) and torch.equal(out[2], eager[2])
 
 
 @settings(max_examples=100, deadline=None)
