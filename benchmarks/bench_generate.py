@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import resource
 import sys
 import tempfile
@@ -142,8 +143,6 @@ def checkpoint_config(folder: Path):
     from gpt2mh import GPT2Config
 
     cfg = GPT2Config.from_json(folder / "config.json")
-    import json
-
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     return cfg, hf.get("tie_word_embeddings", True)
 

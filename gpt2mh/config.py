@@ -15,6 +15,10 @@ _UNSUPPORTED = {
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh approximation
 
 
+def _get(d: dict, key: str, default):
+    return default if d.get(key) is None else d[key]  # `null` in config.json means "not set"
+
+
 @dataclass(frozen=True)
 class GPT2Config:
     vocab_size: int = 50257
@@ -66,8 +70,8 @@ class GPT2Config:
                 n_inner=int(d.get("n_inner") or 4 * n_embd),
                 layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
                 activation_function=d.get("activation_function", "gelu_new"),
-                bos_token_id=int(d.get("bos_token_id", 50256)),
-                eos_token_id=int(d.get("eos_token_id", 50256)),
+                bos_token_id=int(_get(d, "bos_token_id", 50256)),
+                eos_token_id=int(_get(d, "eos_token_id", 50256)),
                 pad_token_id=None if d.get("pad_token_id") is None else int(d["pad_token_id"]),
                 embd_pdrop=float(d.get("embd_pdrop", 0.1)),
                 attn_pdrop=float(d.get("attn_pdrop", 0.1)),

@@ -68,6 +68,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
+            if mask is None:  # is_causal would align to cache slot 0, not to input_pos
+                raise ValueError("with a KV cache, pass a (B, 1, T, L) bool attention mask")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, L, hs)
         dropout = self.attn_pdrop if self.training else 0.0
         # mask None: plain causal self-attention (training without padding takes the fast kernel)

@@ -1,0 +1,255 @@
+"""Multi-task fine-tuning: the options of TrainConfig, and a real from-scratch run on hironsancorpus."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+
+from gpt2mh.corpus import HEADS, build_examples, char_accuracy
+from gpt2mh.data import write_jsonl
+from gpt2mh.model import MultiHeadGPT2
+from gpt2mh.tokenizer import Tokenizer
+from gpt2mh.train import TrainConfig, TrainingDiverged, evaluate, generate_predictions, train
+from gpt2mh.checkpoint import latest_checkpoint
+
+TINY_MODEL = dict(n_embd=16, n_layer=1, n_head=2, n_positions=96, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_pretrained()
+
+
+@functools.lru_cache(maxsize=None)
+def short_examples(split: str, max_input: int):
+    """Corpus sentences whose input is at most max_input tokens (keeps CPU tests fast)."""
+    tok = tokenizer()
+    return tuple(e for e in build_examples(split) if len(tok.encode(e.input)) <= max_input)
+
+
+def write_data(folder, n=12, drop_heads=(), name="train.jsonl"):
+    rows = []
+    for e in short_examples("train", 16)[:n]:
+        targets = {h: ("" if h in drop_heads else t) for h, t in e.targets.items()}
+        rows.append(type(e)(e.input, targets, e.source))
+    return str(write_jsonl(folder / name, rows))
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    d = dict(train_file=write_data(tmp_path), heads=list(HEADS), output_dir=str(tmp_path / "run"),
+             model_config=TINY_MODEL, max_length=96, batch_size=4, max_steps=3, learning_rate=1e-2,
+             weight_decay=0.0, eval_every=0, save_every=0, log_every=1, progress=False, seed=0)
+    d.update(overrides)
+    return TrainConfig.from_dict(d)
+
+
+def base_checkpoint(folder, heads=HEADS, seed=0):
+    """A small gpt2mh checkpoint (with the rinna tokenizer) to fine-tune."""
+    from gpt2mh.config import GPT2Config
+
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                        pad_token_id=tok.pad_id, **TINY_MODEL)
+    return MultiHeadGPT2(config, heads).save_pretrained(folder, tokenizer=tok)
+
+
+def records(run_dir, split="train"):
+    lines = (json.loads(line) for line in open(f"{run_dir}/metrics.jsonl", encoding="utf-8"))
+    return [r for r in lines if r.get("split") == split]
+
+
+def trunk(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k != "heads"}
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+def test_loss_goes_down(tmp_path):
+    result = train(tiny_config(tmp_path, max_steps=12, batch_size=4, learning_rate=2e-2, warmup_steps=2))
+    assert result.steps == 12 and len(result.losses) == 12
+    assert sum(result.losses[-3:]) / 3 < 0.8 * result.losses[0], result.losses
+    logged = records(tmp_path / "run")
+    assert [r["step"] for r in logged] == list(range(1, 13))
+    assert all(set(f"{h}/loss" for h in HEADS) <= set(r) for r in logged)
+    for r in logged:  # the objective is the weighted sum of the per-head means
+        assert r["loss"] == pytest.approx(sum(r[f"{h}/loss"] for h in HEADS), rel=1e-5)
+
+
+def test_freeze_trunk_changes_heads_only(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    before = MultiHeadGPT2.from_pretrained(base)
+    result = train(tiny_config(tmp_path, base=str(base), model_config=None, freeze_trunk=True, weight_decay=0.1))
+    after = MultiHeadGPT2.from_pretrained(result.last_checkpoint)
+    for k, v in trunk(before).items():
+        assert torch.equal(v, after.state_dict()[k]), k
+    assert not torch.equal(before.heads, after.heads)
+
+
+def test_freeze_embeddings(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    before = MultiHeadGPT2.from_pretrained(base)
+    result = train(tiny_config(tmp_path, base=str(base), model_config=None, freeze_embeddings=True, weight_decay=0.1))
+    after = MultiHeadGPT2.from_pretrained(result.last_checkpoint)
+    t = after.transformer
+    assert torch.equal(t.wte.weight, before.transformer.wte.weight)
+    assert torch.equal(t.wpe.weight, before.transformer.wpe.weight)
+    assert not torch.equal(t.h[0].attn.c_attn.weight, before.transformer.h[0].attn.c_attn.weight)
+
+
+def test_train_heads_trains_only_those(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    before = MultiHeadGPT2.from_pretrained(base)
+    # weight decay on: the frozen heads share one tensor with the trained one and must not decay
+    result = train(tiny_config(tmp_path, base=str(base), model_config=None, train_heads=["reading"],
+                               weight_decay=0.1))
+    after = MultiHeadGPT2.from_pretrained(result.last_checkpoint)
+    r, e, p = (after.head_names.index(h) for h in ("reading", "entities", "pos"))
+    assert not torch.equal(after.heads[r], before.heads[r])
+    assert torch.equal(after.heads[e], before.heads[e]) and torch.equal(after.heads[p], before.heads[p])
+    assert not torch.equal(after.transformer.ln_f.weight, before.transformer.ln_f.weight)  # trunk trains
+    assert set(records(tmp_path / "run")[0]) >= {"reading/loss"}
+    assert "pos/loss" not in records(tmp_path / "run")[0]
+
+
+def test_loss_weights(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    before = MultiHeadGPT2.from_pretrained(base)
+    weights = {"reading": 2.0, "entities": 0.5, "pos": 0.0}
+    result = train(tiny_config(tmp_path, base=str(base), model_config=None, loss_weights=weights))
+    for r in records(tmp_path / "run"):
+        assert r["loss"] == pytest.approx(sum(w * r[f"{h}/loss"] for h, w in weights.items()), rel=1e-5)
+    after = MultiHeadGPT2.from_pretrained(result.last_checkpoint)
+    p = after.head_names.index("pos")
+    assert torch.equal(after.heads[p], before.heads[p])  # weight 0: no gradient (and no decay here)
+    with pytest.raises(ValueError, match="weight 0"):
+        train(tiny_config(tmp_path, output_dir=str(tmp_path / "zero"), loss_weights={h: 0.0 for h in HEADS}))
+
+
+def test_rows_without_a_head_give_no_loss_for_it(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    before = MultiHeadGPT2.from_pretrained(base)
+    data = write_data(tmp_path, drop_heads=("pos",), name="partial.jsonl")
+    result = train(tiny_config(tmp_path, train_file=data, base=str(base), model_config=None))
+    after = MultiHeadGPT2.from_pretrained(result.last_checkpoint)
+    p, r = after.head_names.index("pos"), after.head_names.index("reading")
+    assert torch.equal(after.heads[p], before.heads[p]) and not torch.equal(after.heads[r], before.heads[r])
+    for rec in records(tmp_path / "run"):
+        assert rec["pos/loss"] == 0.0 and rec["reading/loss"] > 0
+        assert rec["loss"] == pytest.approx(rec["reading/loss"] + rec["entities/loss"], rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_batch(tmp_path):
+    one = train(tiny_config(tmp_path, output_dir=str(tmp_path / "one"), batch_size=8, max_steps=3, save_every=3))
+    acc = train(tiny_config(tmp_path, output_dir=str(tmp_path / "acc"), batch_size=8, gradient_accumulation_steps=2,
+                            max_steps=3, save_every=3))
+    assert one.losses == pytest.approx(acc.losses, abs=1e-5)
+    a, b = MultiHeadGPT2.from_pretrained(one.last_checkpoint), MultiHeadGPT2.from_pretrained(acc.last_checkpoint)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_add_a_head_to_a_fine_tuned_checkpoint(tmp_path):
+    first = train(tiny_config(tmp_path, heads=["reading", "pos"], output_dir=str(tmp_path / "first")))
+    tuned = MultiHeadGPT2.from_pretrained(first.last_checkpoint)
+    assert tuned.head_names == ("reading", "pos")
+    result = train(tiny_config(tmp_path, base=first.last_checkpoint, model_config=None, heads=None,
+                               add_heads=["entities"], train_heads=["entities"], freeze_trunk=True,
+                               weight_decay=0.1, output_dir=str(tmp_path / "second")))
+    model = MultiHeadGPT2.from_pretrained(result.last_checkpoint)
+    assert model.head_names == ("reading", "pos", "entities")
+    for k, v in trunk(tuned).items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    for h in ("reading", "pos"):
+        assert torch.equal(model.heads[model.head_names.index(h)], tuned.heads[tuned.head_names.index(h)])
+    lm_head = tuned.transformer.wte.weight.t()  # where a new head starts
+    assert not torch.equal(model.heads[2], lm_head)
+    assert (model.heads[2] - lm_head).abs().max() < 1.0  # moved from the LM head, not from a random init
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, learning_rate=1e30, max_grad_norm=None, max_steps=6, save_every=1)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+ for head\(s\) (reading|entities|pos)") as err:
+        train(cfg)
+    assert "last good checkpoint" in str(err.value)
+    last = latest_checkpoint(tmp_path / "run")
+    assert last is not None and str(last) in str(err.value)
+    model = MultiHeadGPT2.from_pretrained(last)  # refuses non-finite weights, so this proves they are finite
+    assert model.head_names == tuple(HEADS)
+
+
+def test_evaluate_metrics(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    model = MultiHeadGPT2.from_pretrained(base)
+    examples = list(short_examples("test", 16)[:3])
+    m = evaluate(model, tokenizer(), examples, ["reading", "pos"], samples=2, max_new_tokens=4)
+    for h in ("reading", "pos"):
+        assert m[f"{h}/perplexity"] == pytest.approx(math.exp(m[f"{h}/loss"]), rel=1e-5)
+        assert m[f"{h}/tokens"] > 0 and 0 <= m[f"{h}/char_accuracy"] <= 1 and 0 <= m[f"{h}/exact_match"] <= 1
+    assert m["loss"] == pytest.approx(m["reading/loss"] + m["pos/loss"])
+    assert "entities/loss" not in m
+    assert torch.equal(model.heads, MultiHeadGPT2.from_pretrained(base).heads)
+
+
+def test_eval_early_stopping_and_epochs(tmp_path):
+    val = write_data(tmp_path, n=4, name="val.jsonl")
+    # greater_is_better on a falling loss: the first evaluation stays the best, so the run stops
+    result = train(tiny_config(tmp_path, validation_file=val, epochs=3.0, eval_every=1, eval_samples=0,
+                               greater_is_better=True, early_stopping_patience=2))
+    assert result.stopped_early and result.steps == 3 and result.best_checkpoint.endswith("checkpoint-1")
+    evals = records(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [1, 2, 3] and {"reading/perplexity", "pos/loss"} <= set(evals[0])
+
+
+# ---- configuration -----------------------------------------------------------------------------
+def test_config_from_toml_and_json(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'train_file = "t.jsonl"\nheads = ["reading", "pos"]\nbase = "rinna/japanese-gpt2-small"\n'
+        'learning_rate = 1e-4\nadam_betas = [0.9, 0.95]\n[loss_weights]\nreading = 2.0\n', encoding="utf-8")
+    cfg = TrainConfig.from_file(tmp_path / "run.toml")
+    assert cfg.heads == ["reading", "pos"] and cfg.loss_weights == {"reading": 2.0}
+    assert cfg.adam_betas == (0.9, 0.95) and cfg.learning_rate == 1e-4 and cfg.batch_size == 8
+    (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
+    assert TrainConfig.from_file(tmp_path / "run.json") == cfg
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="'lerning_rate' \\(did you mean 'learning_rate'\\?\\)"):
+        TrainConfig.from_dict({"train_file": "t.jsonl", "base": "x", "lerning_rate": 1e-4})
+    (tmp_path / "bad.toml").write_text('train_file = "t.jsonl"\nbase = "x"\nwarmup = 10\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.toml: .*'warmup' \(did you mean 'warmup_steps'\?\)"):
+        TrainConfig.from_file(tmp_path / "bad.toml")
+    with pytest.raises(TypeError, match="batch_size must be int"):
+        TrainConfig(train_file="t.jsonl", base="x", batch_size="8")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(train_file="t.jsonl", base="x", lr_schedule="cosin")
+    with pytest.raises(ValueError, match="divisible"):
+        TrainConfig(train_file="t.jsonl", base="x", batch_size=6, gradient_accumulation_steps=4)
+    with pytest.raises(ValueError, match="model_config"):
+        TrainConfig(train_file="t.jsonl")
+
+
+# ---- real data ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_heads_learn_different_tasks_from_scratch(tmp_path):
+    """Three heads on one small trunk, trained from scratch on hironsancorpus: each head's held-out
+    output scores well on its own task and far better than the other heads' outputs do on it."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", list(short_examples("train", 24)))
+    test = list(short_examples("test", 24)[:16])
+    cfg = TrainConfig(train_file=str(train_file), heads=list(HEADS), output_dir=str(tmp_path / "run"),
+                      model_config=dict(n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                        embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0),
+                      max_length=128, batch_size=8, max_steps=80, learning_rate=1e-2, warmup_steps=5,
+                      weight_decay=0.0, eval_every=0, save_every=0, progress=False, seed=0)
+    result = train(cfg)
+    model = MultiHeadGPT2.from_pretrained(result.last_checkpoint)
+    preds = generate_predictions(model, tokenizer(), test, max_new_tokens=48)
+    # score[task][head]: the head's outputs scored against the task's references
+    score = {task: {h: sum(char_accuracy(p, e.targets[task]) for p, e in zip(preds[h], test)) / len(test)
+                    for h in HEADS} for task in HEADS}
+    print(json.dumps(score, indent=1))
+    for task in HEADS:
+        others = max(v for h, v in score[task].items() if h != task)
+        assert score[task][task] > others + 0.1, (task, score[task])
