@@ -19,6 +19,16 @@ def _get(d: dict, key: str, default):
     return default if d.get(key) is None else d[key]  # `null` in config.json means "not set"
 
 
+def _int(key: str, value) -> int:
+    # int(True) == 1 and int(2.7) == 2 would load a different model than the file describes.
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key}={value!r} must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} must be an integer") from None
+
+
 @dataclass(frozen=True)
 class GPT2Config:
     vocab_size: int = 50257
@@ -47,6 +57,11 @@ class GPT2Config:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:  # `not` also catches NaN
+                raise ValueError(f"{name}={getattr(self, name)} is a dropout probability: it must be in [0, 1]")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
 
     @property
     def head_dim(self) -> int:
@@ -60,19 +75,19 @@ class GPT2Config:
             if key in d and bool(d[key]) != supported:
                 raise ValueError(f"{source}: {key}={d[key]!r} is not supported by gpt2mh (only {supported})")
         try:
-            n_embd = int(d["n_embd"])
+            n_embd = _int("n_embd", d["n_embd"])
             return cls(
-                vocab_size=int(d["vocab_size"]),
-                n_positions=int(d["n_positions"]),
+                vocab_size=_int("vocab_size", d["vocab_size"]),
+                n_positions=_int("n_positions", d["n_positions"]),
                 n_embd=n_embd,
-                n_layer=int(d["n_layer"]),
-                n_head=int(d["n_head"]),
-                n_inner=int(d.get("n_inner") or 4 * n_embd),
+                n_layer=_int("n_layer", d["n_layer"]),
+                n_head=_int("n_head", d["n_head"]),
+                n_inner=_int("n_inner", d.get("n_inner") or 4 * n_embd),
                 layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
                 activation_function=d.get("activation_function", "gelu_new"),
-                bos_token_id=int(_get(d, "bos_token_id", 50256)),
-                eos_token_id=int(_get(d, "eos_token_id", 50256)),
-                pad_token_id=None if d.get("pad_token_id") is None else int(d["pad_token_id"]),
+                bos_token_id=_int("bos_token_id", _get(d, "bos_token_id", 50256)),
+                eos_token_id=_int("eos_token_id", _get(d, "eos_token_id", 50256)),
+                pad_token_id=None if d.get("pad_token_id") is None else _int("pad_token_id", d["pad_token_id"]),
                 embd_pdrop=float(d.get("embd_pdrop", 0.1)),
                 attn_pdrop=float(d.get("attn_pdrop", 0.1)),
                 resid_pdrop=float(d.get("resid_pdrop", 0.1)),

@@ -64,6 +64,9 @@ def read_examples(
     format: str | None = None,
 ) -> tuple[list[Example], DataReport]:
     head_columns = _head_columns(heads, columns)
+    if input_column in head_columns and input_column not in (columns or {}):  # a head named like the input
+        raise ValueError(f"head {input_column!r} would read the input column as its target; rename the head "
+                         f"or map it explicitly with columns={{{input_column!r}: 'COLUMN'}}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -157,6 +160,7 @@ def write_jsonl(path, examples: list[Example]) -> Path:
 
 
 def _head_columns(heads: list[str], columns: dict[str, str] | None) -> dict[str, str]:
+    heads = [heads] if isinstance(heads, str) else list(heads)  # one name, not its characters
     if not heads:
         raise ValueError("at least one head is needed")
     for head in heads:

@@ -10,6 +10,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from .model import MultiHeadGPT2
+from .prompt import check_ids
 from .sampling import SamplingConfig, build_controls, check_finite, process, sample
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
@@ -39,7 +40,17 @@ def decode_one_token(model: MultiHeadGPT2, heads, tok, input_pos, pos_offset, sl
     nxt = torch.where(unfinished, pick(scores, noise, controls), controls.pad)
     history = history.index_copy(1, input_pos + 1, nxt[:, None])
     done = (nxt[:, None] == controls.eos).any(-1) | (step + 1 >= controls.max_new)
-    return nxt, unfinished & ~done, history, check_finite(logits) & unfinished
+    return nxt, unfinished & ~done, history, bad_rows(logits, scores, unfinished)
+
+
+NON_FINITE, NOTHING_LEFT = 1, 2  # bits of bad_rows
+
+
+def bad_rows(logits, scores, unfinished):
+    """(S,) long flags of live streams: NaN/+inf logits, or every token banned (argmax would emit a
+    banned id). Checked on the host every CHECK_EVERY steps."""
+    flags = check_finite(logits).long() | (scores.isneginf().all(-1).long() * NOTHING_LEFT)
+    return flags * unfinished
 
 
 def pick(scores, noise, controls):
@@ -113,6 +124,7 @@ def head_configs(model: MultiHeadGPT2, names: Sequence[str], controls: dict, per
 
 
 def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, per_head, compile: bool):
+    check_ids(input_ids, model.config.vocab_size)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if attention_mask is None:
@@ -127,6 +139,9 @@ def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, pe
         input_ids = torch.full((input_ids.size(0), 1), cfg.bos_token_id, dtype=torch.long)
         attention_mask = torch.ones_like(input_ids)
     names = [model.head_names[i] for i in model.head_index(heads)]
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"heads={heads!r}: name each head to generate once (or heads=None for all "
+                         f"of {list(model.head_names)})")
     idx = model.head_index(names)
     sel = model.heads if idx == list(range(len(model.head_names))) else model.heads[idx].contiguous()
     pad_default = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
@@ -198,7 +213,7 @@ def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, co
     step = torch.zeros((), dtype=torch.long, device=dev)
     scores = process(logits, history, torch.tensor(T, device=dev), step, controls, plan)
     tok = torch.where(unfinished, pick(scores, noise(), controls), controls.pad)
-    bad = check_finite(logits) & unfinished
+    bad = bad_rows(logits, scores, unfinished)
     history[:, T] = tok
     unfinished = unfinished & ~((tok[:, None] == controls.eos).any(-1) | (step + 1 >= controls.max_new))
     yield tok
@@ -220,10 +235,17 @@ def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, co
 
 
 def raise_if_bad(bad: torch.Tensor, st: Streams) -> None:
-    if bool(bad.any()):
-        heads = sorted({st.head_names[int(s) // (st.Bp * st.R)] for s in bad.nonzero().flatten()})
-        raise FloatingPointError(f"non-finite logits (NaN or inf) from head(s) {heads}: the weights or "
+    if not bool(bad.any()):
+        return
+
+    def heads(bit):
+        return sorted({st.head_names[int(s) // (st.Bp * st.R)] for s in (bad & bit).nonzero().flatten()})
+
+    if heads(NON_FINITE):
+        raise FloatingPointError(f"non-finite logits (NaN or inf) from head(s) {heads(NON_FINITE)}: the weights or "
                                  f"inputs are broken (a diverged fine-tune, or fp16 overflow)")
+    raise ValueError(f"head(s) {heads(NOTHING_LEFT)}: every token is banned at some step (bad_words_ids, "
+                     f"no_repeat_ngram_size and min_new_tokens together leave nothing to pick); ban fewer tokens")
 
 
 def make_generator(seed: int | None, generator: torch.Generator | None, device) -> torch.Generator | None:
@@ -279,10 +301,20 @@ def hf_aliases(controls: dict, input_ids) -> dict:
             controls["max_new_tokens"] = max_length - T
     if "max_new_tokens" in controls and controls["max_new_tokens"] is None:
         del controls["max_new_tokens"]
-    for key in ("bad_words_ids",):
-        if key in controls and controls[key] is not None:
-            controls[key] = tuple(tuple(int(t) for t in w) for w in controls[key])
+    words = controls.get("bad_words_ids")
+    if words is not None:
+        try:
+            controls["bad_words_ids"] = tuple(tuple(_token_id(t) for t in w) for w in words)
+        except (TypeError, ValueError):
+            raise ValueError(f"bad_words_ids={words!r}: expected a list of token-id lists, "
+                             f"e.g. [[5], [7, 8]]") from None
     return controls
+
+
+def _token_id(t) -> int:
+    if isinstance(t, (str, bytes, bool)) or int(t) != t:
+        raise TypeError(t)
+    return int(t)
 
 
 # ---- streaming --------------------------------------------------------------------------------

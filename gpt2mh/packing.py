@@ -63,11 +63,12 @@ class PackReport:
     dropped_examples: int = 0                                     # no target left (input too long)
     shown: dict[str, list[str]] = field(default_factory=dict)      # reason -> first few sources
 
-    def count(self, table: dict | None, key: str, reason: str, source: str) -> None:
-        if table is not None:
-            table[key] = table.get(key, 0) + 1
-        else:
+    def count(self, reason: str, head: str | None, source: str) -> None:
+        if reason == "input too long":
             self.dropped_examples += 1
+        else:
+            table = self.truncated if reason == "truncated" else self.dropped_targets
+            table[head] = table.get(head, 0) + 1
         shown = self.shown.setdefault(reason, [])
         if len(shown) < _SHOWN and source:
             shown.append(source)
@@ -116,11 +117,11 @@ def pack(input_ids: Sequence[int], targets: Sequence[Sequence[int] | None], max_
                 continue  # counted once for the whole example below when nothing fits
             if truncation == "drop":
                 if report is not None:
-                    report.count(report.dropped_targets, names[k], "dropped", source)
+                    report.count("dropped", names[k], source)
                 continue
             target = target[:room]  # keeps a true prefix of the answer, without </s>
             if report is not None:
-                report.count(report.truncated, names[k], "truncated", source)
+                report.count("truncated", names[k], source)
         start = len(ids)
         ids += target[:-1]
         pos += range(L, L + len(target) - 1)
@@ -131,7 +132,7 @@ def pack(input_ids: Sequence[int], targets: Sequence[Sequence[int] | None], max_
         label_ids += target
     if not label_ids:
         if report is not None:
-            report.count(None, "", "input too long", source)
+            report.count("input too long", None, source)
         return None
     return PackedExample(
         torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import MultiHeadGPT2, padded_causal_mask, position_ids_from_mask
+from .prompt import check_ids
 
 
 @torch.no_grad()
@@ -18,6 +19,8 @@ def score(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.T
     input_ids (B, T) left-padded prompts; target_ids (B, U) right-padded continuations. The trunk
     runs once; head logits are computed only at the positions that predict a target token, all
     heads in one batched matmul."""
+    check_ids(input_ids, model.config.vocab_size)
+    check_ids(target_ids, model.config.vocab_size, "target_ids")
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

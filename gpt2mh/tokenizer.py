@@ -8,6 +8,7 @@ marked "HF:".
 
 from __future__ import annotations
 
+import numbers
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +28,20 @@ def _lower(text: str) -> str:
     if "Σ" in text:
         return "".join(map(str.lower, text))
     return text.lower()
+
+
+def check_text(text) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"expected text as a str, got {type(text).__name__}")
+    # A lone surrogate (e.g. from bytes decoded with errors="surrogateescape") is not Unicode text:
+    # SentencePiece cannot take it, so name it here instead of failing inside the C++ binding.
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise ValueError(f"text holds a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()}, which is not "
+                         f"valid Unicode; decode the source bytes with errors='replace' or fix its encoding")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -91,6 +106,7 @@ class Tokenizer:
         return self._split_re.split(text)
 
     def encode(self, text: str, add_eos: bool = True) -> list[int]:
+        check_text(text)
         # HF: lowercase outside the special strings *of the original text*, then look for special strings
         # again in the lowercased text, so "<S>" or "</S>" become <s> / </s> ids.
         parts = self._split(text)
@@ -114,10 +130,14 @@ class Tokenizer:
             if ids.dim() != 1:
                 raise ValueError(f"decode takes a 1-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        ids = [int(i) for i in ids]
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"decode takes a sequence of token ids, got {type(ids).__name__} {ids!r:.40}")
         for i in ids:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+                raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__})")
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        ids = [int(i) for i in ids]
         tokens = [self._sp.id_to_piece(i) for i in ids if not (skip_special_tokens and i in self._special_ids)]
         if not tokens:
             return ""
@@ -143,6 +163,8 @@ class Tokenizer:
     def batch_encode(
         self, texts: list[str], add_eos: bool = True, max_length: int | None = None
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        if isinstance(texts, str):  # a str is a sequence too: each character would become a row
+            raise TypeError("batch_encode takes a list of strings, got one str; use [text] or encode(text)")
         if not texts:
             raise ValueError("batch_encode needs at least one text")
         rows = [self.encode(t, add_eos=add_eos) for t in texts]

@@ -105,6 +105,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), os.PathLike):
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
             _check_type(f.name, getattr(self, f.name), f.type)
         for name in ("heads", "train_heads", "add_heads"):
             names = getattr(self, name)
@@ -574,7 +576,7 @@ class Run:
     def _resume_folder(self) -> Path | None:
         cfg = self.cfg
         if cfg.resume is False:
-            if self.d.main and ckpt.list_checkpoints(self.out):
+            if ckpt.list_checkpoints(self.out):
                 raise FileExistsError(f"{self.out} already holds checkpoints; resume with --resume "
                                       f"(resume=True) or choose another output_dir")
             return None
@@ -607,6 +609,12 @@ class Run:
         if not val and (cfg.early_stopping_patience or cfg.metric_for_best != "loss"):
             raise ValueError("early stopping and metric_for_best need a validation set "
                              "(validation_file or validation_fraction)")
+        kinds = ["loss", "perplexity", "tokens"] + (["exact_match", "char_accuracy"] if cfg.eval_samples else [])
+        known = ["loss"] + kinds[3:] + [f"{h}/{k}" for h in self.train_heads for k in kinds]
+        if val and cfg.metric_for_best not in known:
+            close = difflib.get_close_matches(cfg.metric_for_best, known, n=1)
+            raise ValueError(f"metric_for_best={cfg.metric_for_best!r} is not an evaluation metric"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; one of {known}")
 
     def _restore(self) -> None:
         state, tensors = ckpt.load_training_state(self.resume_from)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -43,10 +43,12 @@ def weight_files(folder: Path) -> list[Path]:
     if (folder / SAFETENSORS_INDEX).is_file():
         index = folder / SAFETENSORS_INDEX
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (KeyError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
-        files = [safe_child(folder, s, index) for s in shards]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e!r}") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        files = sorted({safe_child(folder, s, index) for s in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard file(s) missing: {missing}")
@@ -63,7 +65,9 @@ def weight_files(folder: Path) -> list[Path]:
 def safe_child(folder: Path, name: str, source: Path) -> Path:
     # File names inside metadata must stay inside the checkpoint folder: no '..', no absolute paths,
     # no symlink pointing elsewhere.
-    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+    if not isinstance(name, str):
+        raise CheckpointError(f"{source}: shard file name {name!r} is not a string")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
         raise CheckpointError(f"{source}: refusing file name {name!r} (it leaves the checkpoint folder)")
     path = folder / name
     roots = [folder.resolve()]
@@ -168,6 +172,13 @@ def check_shapes(sd: dict[str, torch.Tensor], expected: dict[str, tuple], source
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
+def check_float(sd: dict[str, torch.Tensor], source: str) -> None:
+    # A header may claim I32 for bytes that are F32 (same size): loading would silently cast garbage.
+    bad = [f"{k} ({v.dtype})" for k, v in sd.items() if v is not None and not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"{source}: weights must be floating point; found {bad[:10]}")
+
+
 def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -181,9 +192,15 @@ def read_meta(folder: Path) -> dict | None:
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("head_names"), list):
+            raise ValueError('expected {"head_names": [name, ...]}')
         check_head_names(meta["head_names"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid gpt2mh head list: {e}") from None
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is newer than this gpt2mh reads "
+                              f"({FORMAT_VERSION}); upgrade gpt2mh")
     return meta
 
 
@@ -196,10 +213,13 @@ def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
     meta = read_meta(folder)
     files = weight_files(folder)
     source = str(files[0] if len(files) == 1 else folder)
+    if not files[0].is_relative_to(folder):  # a .bin converted into the cache: name the user's file
+        source = f"{folder / PYTORCH_BIN} (converted to {files[0]})"
     sd = read_state_dict(files, device)
     check_finite(sd, source)
     saved_heads = sd.pop("heads", None)
     trunk, lm_head = convert_hf_state_dict(sd, config, source)
+    check_float({**trunk, "lm_head.weight": lm_head, "heads": saved_heads}, source)
     names = check_head_names(heads if heads is not None else (meta["head_names"] if meta else ("lm",)))
     dtype = dtype or trunk["transformer.wte.weight"].dtype
     if not dtype.is_floating_point:
@@ -224,10 +244,18 @@ def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
     return model.eval()
 
 
+def new_temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new hidden temp file beside `path`, for an atomic rename onto it.
+
+    Not mkstemp: its 0600 mode would stick to the checkpoint files; 0o666 here honours the umask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_temp_beside(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -240,8 +268,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
