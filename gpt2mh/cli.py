@@ -45,13 +45,16 @@ def load_model_and_tokenizer(src: str | None, device: str | None, revision: str 
     from .model import MultiHeadGPT2
     from .tokenizer import Tokenizer
 
+    from .checkpoint import latest_checkpoint
+
     if src is None:
-        best = DEFAULT_RUN / "best"
-        if not best.exists():
-            raise UsageError("no --model given and no quickstart result at runs/quickstart/best: "
+        if latest_checkpoint(DEFAULT_RUN) is None:
+            raise UsageError(f"no --model given and no quickstart result in {DEFAULT_RUN}: "
                              "run `gpt2mh quickstart` first or pass --model FOLDER_OR_HUB_ID")
-        src = str(best)
+        src = str(DEFAULT_RUN)
     folder = resolve_checkpoint(src, revision=revision)
+    if not (folder / "config.json").is_file() and latest_checkpoint(folder) is not None:
+        folder = latest_checkpoint(folder)  # a training output folder: its newest checkpoint
     model = MultiHeadGPT2.from_pretrained(folder, device=pick_device(device))
     tok = Tokenizer.from_pretrained(folder if (folder / "spiece.model").is_file() else None)
     return model, tok
@@ -237,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="every head's output for each input text")
     s.add_argument("text", nargs="*", help="input text(s); else --file or stdin")
-    s.add_argument("--model", help="checkpoint folder or hub id (default: runs/quickstart/best)")
+    s.add_argument("--model", help="checkpoint folder, training output folder or hub id (default: runs/quickstart)")
     s.add_argument("--revision")
     s.add_argument("--file", help="one input per line")
     s.add_argument("--heads", help="comma-separated subset of heads")

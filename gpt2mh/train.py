@@ -469,7 +469,10 @@ def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads
     try:
         with torch.random.fork_rng(devices=[]):  # evaluation never moves the training RNG
             if packed is None:
-                packed, _ = pack_examples(examples, tokenizer, model.head_names, max_length, truncation)
+                chosen = [Example(e.input, {h: t for h, t in e.targets.items() if h in names}, e.source)
+                          for e in examples]
+                packed, _ = pack_examples([e for e in chosen if e.targets], tokenizer, model.head_names,
+                                          max_length or model.config.n_positions, truncation)
             sums, counts = eval_loss(model, packed, tokenizer.pad_id, batch_size, autocast)
             metrics, total = {}, 0.0
             for h in names:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import zipfile
 from pathlib import Path
@@ -113,7 +114,7 @@ def convert_bin(bin_path: Path, out: Path | None = None) -> Path:
     except Exception as e:  # weights_only refuses arbitrary objects; a torn file fails to unpickle
         raise CheckpointError(
             f"{bin_path}: cannot be read as a plain tensor checkpoint with torch.load(weights_only=True) "
-            f"(it may hold code or be corrupt; gpt2mh never unpickles arbitrary objects): {e}"
+            f"(it may hold code or be corrupt; gpt2mh never unpickles arbitrary objects): {unpickling_reason(e)}"
         ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{bin_path}: expected a dict of tensors (a state dict)")
@@ -124,6 +125,15 @@ def convert_bin(bin_path: Path, out: Path | None = None) -> Path:
         del sd["lm_head.weight"]  # tied: safetensors stores no aliases; the loader re-ties it
     atomic_save_file({k: v.contiguous() for k, v in sd.items()}, out, metadata={"format": "pt"})
     return out
+
+
+def unpickling_reason(e: Exception) -> str:
+    # torch's weights_only error is a page of advice whose first option is to load with
+    # weights_only=False, i.e. to run the file's code: keep only the line that says what was refused.
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    found = [line.split("error:", 1)[1].split(". ")[0].strip() for line in lines
+             if line.startswith("WeightsUnpickler error:")]
+    return (found or [line for line in lines if line] or [type(e).__name__])[0]
 
 
 # ---- HF names -> ours -------------------------------------------------------------------------
