@@ -236,8 +236,10 @@ class Record:
     heads: int
     batch: int
     first_call_s: float | None = None
+    warm_call_s: float | None = None
     walls: list = field(default_factory=list)
     prefills: list = field(default_factory=list)
+    cpu_share: list = field(default_factory=list)  # process CPU time / (wall x threads), per full call
     gpu_peak_bytes: int | None = None
     rss: dict | None = None
 
@@ -249,17 +251,20 @@ def run_once(fn, ids, mask, kw, seed, device):
 
 
 def warm_up(systems, scenarios, prompts, cfg, args, records):
-    """First call of each scenario (compiles the decode step for gpt2mh-compiled), outputs checked."""
+    """First call of each scenario, outputs checked. gpt2mh-compiled compiles its decode step there
+    and makes one more (warm) call: compile time = first call - warm call."""
     kw = controls(cfg, args.new_tokens)
     for n, b in scenarios:
         for name in args.systems:
-            ids, mask = prompts[b]
-            dt, out, gpu = run_once(systems[name, n], ids, mask, kw, args.seed, args.device)
+            ids, mask, fn, rec = *prompts[b], systems[name, n], records[name, n, b]
+            dt, out, rec.gpu_peak_bytes = run_once(fn, ids, mask, kw, args.seed, args.device)
             check_output(out, n * b, args.new_tokens, cfg, f"{name} N={n} B={b}")
-            common.timed(lambda: systems[name, n](ids, mask, controls(cfg, 1), args.seed), args.device)
-            rec = records[name, n, b]
-            rec.first_call_s, rec.gpu_peak_bytes = dt, gpu
-            common.log(f"warm-up {name:16s} N={n} B={b}: first call {dt:7.2f} s")
+            rec.first_call_s = dt
+            if name == "gpt2mh-compiled":
+                rec.warm_call_s, _ = common.timed(lambda: fn(ids, mask, kw, args.seed), args.device)
+            common.timed(lambda: fn(ids, mask, controls(cfg, 1), args.seed), args.device)
+            common.log(f"warm-up {name:16s} N={n} B={b}: first call {dt:7.2f} s"
+                       + (f", warm call {rec.warm_call_s:.2f} s" if rec.warm_call_s else ""))
 
 
 def timed_round(r, systems, scenarios, prompts, cfg, args, records):
@@ -269,11 +274,14 @@ def timed_round(r, systems, scenarios, prompts, cfg, args, records):
         for name in order:
             ids, mask = prompts[b]
             fn, rec = systems[name, n], records[name, n, b]
+            cpu = time.process_time()
             wall, _ = common.timed(lambda: fn(ids, mask, full, args.seed + r), args.device)
+            rec.cpu_share.append((time.process_time() - cpu) / wall / torch.get_num_threads())
             prefill, _ = common.timed(lambda: fn(ids, mask, pre, args.seed + r), args.device)
             rec.walls.append(wall)
             rec.prefills.append(prefill)
-            common.log(f"round {r + 1}/{args.rounds} {name:16s} N={n} B={b}: {wall:7.3f} s (prefill {prefill * 1e3:.0f} ms)")
+            common.log(f"round {r + 1}/{args.rounds} {name:16s} N={n} B={b}: {wall:7.3f} s (prefill "
+                       f"{prefill * 1e3:.0f} ms, CPU share {rec.cpu_share[-1]:.0%})")
 
 
 def summarize(rec: Record, shape: Shape, bandwidth: float, args) -> dict:
@@ -292,8 +300,8 @@ def summarize(rec: Record, shape: Shape, bandwidth: float, args) -> dict:
         "new_tokens_per_s": n * b * new / wall if wall else None,
         "prefill_ms": prefill * 1e3 if prefill is not None else None, "prefills_ms": [x * 1e3 for x in rec.prefills],
         "decode_round_ms": rnd * 1e3 if rnd is not None else None,
-        "first_call_s": rec.first_call_s,
-        "compile_s": rec.first_call_s - wall if rec.system == "gpt2mh-compiled" and wall else None,
+        "first_call_s": rec.first_call_s, "warm_call_s": rec.warm_call_s, "cpu_share": rec.cpu_share,
+        "compile_s": rec.first_call_s - rec.warm_call_s if rec.warm_call_s else None,
         "weights_bytes": shape.held(rec.system, n),
         "read_bytes_per_round": read, "kv_bytes_per_round": int(kv),
         "bound_ms": bound * 1e3, "bound_with_kv_ms": (read + kv) / bandwidth * 1e3,
@@ -308,7 +316,7 @@ def summarize(rec: Record, shape: Shape, bandwidth: float, args) -> dict:
 def child(args) -> None:
     """One system, one scenario, in this fresh process: RSS after import, load, first and warm call."""
     what = args.isolate
-    if what == "baseline-hf":
+    if what in ("baseline-hf", "hf-separate", "hf-nrs"):
         import transformers  # noqa: F401
         from transformers import GPT2LMHeadModel  # noqa: F401  (the lazy module: import the model code)
     import gpt2mh  # noqa: F401

@@ -35,6 +35,11 @@ def row(d: dict, system: str, heads: int, batch: int) -> dict | None:
     return next((r for r in d["results"] if (r["system"], r["heads"], r["batch"]) == (system, heads, batch)), None)
 
 
+def median(xs):
+    xs = sorted(x for x in (xs or []) if x is not None)
+    return None if not xs else (xs[len(xs) // 2] + xs[(len(xs) - 1) // 2]) / 2
+
+
 def fmt(x, spec: str = ".1f", scale: float = 1.0) -> str:
     return "–" if x is None else format(x * scale, spec)
 
@@ -76,7 +81,7 @@ def speedup(d: dict, r: dict, other: str) -> float | None:
 
 def table(d: dict) -> list[str]:
     cols = ["system", "N", "B", "wall s", "new tok/s", "× vs N models", "× vs nrs", "prefill ms", "decode round ms",
-            "bound ms", "× bound", "GB/s", "compile s", "peak RSS MiB", "weights MiB"]
+            "bound ms", "× bound", "GB/s", "compile s", "peak RSS MiB", "weights MiB", "CPU %"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(cols))) + "|"]
     order = {s: i for i, s in enumerate(SYSTEM_LABELS)}
     for r in sorted(d["results"], key=lambda r: (r["batch"], r["heads"], order.get(r["system"], 9))):
@@ -86,6 +91,7 @@ def table(d: dict) -> list[str]:
             fmt(speedup(d, r, "hf-separate"), ".1f"), fmt(speedup(d, r, "hf-nrs"), ".1f"), fmt(r["prefill_ms"], ".0f"), fmt(r["decode_round_ms"], ".1f"),
             fmt(r["bound_ms"], ".1f"), fmt(r["x_bound"], ".2f"), fmt(r["achieved_gbs"], ".1f"),
             fmt(r["compile_s"], ".0f"), fmt(rss, ".0f", 1 / MIB), fmt(r["weights_bytes"], ".0f", 1 / MIB),
+            fmt(median(r.get("cpu_share")), ".0f", 100),
         ]) + " |")
     return out + [""]
 
@@ -97,9 +103,10 @@ transformers with N separate models / with num_return_sequences=N, over this row
 (new tokens - 1), one token for every stream; *bound ms* = weight bytes a round must read (trunk
 without the embedding tables + the N heads; N whole models for N separate models; one for
 num_return_sequences) / the read bandwidth measured in the same run; *× bound* = decode round / bound;
-*GB/s* = those bytes / decode round; *compile s* = first compiled call minus the median call, never in
-the other columns; *peak RSS* = peak resident memory of a fresh child process running that system
-alone (load + first call, compile included); *weights* = the bytes it holds.
+*GB/s* = those bytes / decode round; *compile s* = first compiled call minus the warm call right after it, never
+in the other columns; *peak RSS* = peak resident memory of a fresh child process running that system
+alone (load + first call, compile included); *weights* = the bytes it holds; *CPU %* = process CPU
+time / (wall x torch threads), median over rounds: well under 100 % means other work had the cores.
 """
 
 
@@ -108,7 +115,8 @@ def check(d: dict) -> list[str]:
     me = row(d, "gpt2mh-compiled", 3, 1)
     if not me or me.get("wall_s") is None:
         return ["check: no gpt2mh-compiled row for 3 heads, batch 1 in this file (run with --heads including 3)"]
-    out = [f"check ({d['machine']['device']}, 3 heads, batch 1, gpt2mh-compiled {me['wall_s']:.2f} s per call):"]
+    out = [f"check ({d['machine']['device']}, 3 heads, batch 1, gpt2mh-compiled {me['wall_s']:.2f} s per call, "
+           f"median of {len(me['walls_s'])} round(s), CPU share {fmt(median(me.get('cpu_share')), '.0f', 100)} %):"]
 
     def line(ok, what):
         out.append(f"  {'n/a ' if ok is None else 'PASS' if ok else 'MISS'}  {what}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,7 +46,8 @@ def export_hf(model: MultiHeadGPT2, head: str, out_dir: str | Path, tokenizer=No
         check_tokenizer(model, tokenizer)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".export"))
+    tmp = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.export"
+    tmp.mkdir()  # os.mkdir honours the umask; mkdtemp would leave the export readable by its owner only
     try:
         write_weights(model, index, tmp / SAFETENSORS)
         atomic_write_text(tmp / "config.json", json.dumps(hf_config(model), indent=2) + "\n")

@@ -9,8 +9,9 @@ marked "HF:".
 from __future__ import annotations
 
 import numbers
+import os
 import re
-import shutil
+import secrets
 from pathlib import Path
 
 import sentencepiece as spm
@@ -49,9 +50,12 @@ class Tokenizer:
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise FileNotFoundError(f"no SentencePiece model file at {self.model_file}")
+        # Kept in memory: `save` must not depend on the file still being there (a resumed training run
+        # reads its tokenizer from a checkpoint folder that pruning later deletes).
+        self._model_bytes = self.model_file.read_bytes()
         self._sp = spm.SentencePieceProcessor()
         try:
-            self._sp.Load(str(self.model_file))
+            self._sp.LoadFromSerializedProto(self._model_bytes)
         except RuntimeError as e:
             raise ValueError(f"{self.model_file} is not a SentencePiece model ({e})") from None
         # A special string counts only if the vocab holds it as its own piece (piece_to_id maps misses to unk).
@@ -186,6 +190,12 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         dst = folder / MODEL_NAME
-        if not (dst.exists() and dst.samefile(self.model_file)):
-            shutil.copyfile(self.model_file, dst)
+        if dst.is_file() and dst.read_bytes() == self._model_bytes:
+            return dst
+        tmp = dst.with_name(f".{MODEL_NAME}.{secrets.token_hex(6)}.tmp")  # then an atomic rename
+        try:
+            tmp.write_bytes(self._model_bytes)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
         return dst

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -324,10 +324,12 @@ def set_dropout(model: MultiHeadGPT2, p: float) -> None:
 
 
 def load_data(cfg: TrainConfig, heads: list[str]) -> tuple[list[Example], list[Example]]:
-    train, report = read_examples(cfg.train_file, heads, cfg.input_column, cfg.columns)
+    """Train and validation rows with targets for `heads` (the trained heads; other columns unused)."""
+    columns = {h: c for h, c in (cfg.columns or {}).items() if h in heads}
+    train, report = read_examples(cfg.train_file, heads, cfg.input_column, columns)
     _log_report(report.summary(), bool(report.skipped or report.ignored_columns))
     if cfg.validation_file:
-        val, vreport = read_examples(cfg.validation_file, heads, cfg.input_column, cfg.columns)
+        val, vreport = read_examples(cfg.validation_file, heads, cfg.input_column, columns)
         _log_report(vreport.summary(), bool(vreport.skipped or vreport.ignored_columns))
     elif cfg.validation_fraction:
         train, val = split_examples(train, cfg.validation_fraction, cfg.seed)
@@ -552,9 +554,10 @@ class Run:
         self.frozen_heads = freeze(model, cfg)
         self.frozen_copy = model.heads.detach()[self.frozen_heads].clone() if self.frozen_heads else None
         self.weights = torch.tensor([(cfg.loss_weights or {}).get(h, 1.0) for h in self.head_names])
-        unknown = sorted(set(cfg.loss_weights or {}) - set(self.head_names))
-        if unknown:
-            raise ValueError(f"loss_weights names unknown heads {unknown}; heads: {self.head_names}")
+        for option in ("loss_weights", "columns"):
+            unknown = sorted(set(getattr(cfg, option) or {}) - set(self.head_names))
+            if unknown:
+                raise ValueError(f"{option} names unknown heads {unknown}; the model's heads: {self.head_names}")
         if not any(self.weights[self.head_names.index(h)] for h in self.train_heads):
             raise ValueError(f"loss_weights {cfg.loss_weights} give every trained head weight 0: nothing to learn")
         self.bf16 = (d.device.type == "cuda" and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16

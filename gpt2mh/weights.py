@@ -266,9 +266,11 @@ def new_temp_beside(path: Path) -> tuple[int, str]:
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     path = Path(path)
     fd, tmp = new_temp_beside(path)
+    mode = os.fstat(fd).st_mode & 0o777  # the umask's; safetensors writes a 0600 file of its own
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         fsync_path(tmp)
         os.replace(tmp, path)
     finally:

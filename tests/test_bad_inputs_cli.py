@@ -46,8 +46,6 @@ CASES = {
                      r"unknown head\(s\) \['zz'\]; this model has heads \['reading', 'pos'\]"),
     "malformed-control": ("generate --model {root}/model --controls temperature=abc hello",
                           "temperature: cannot parse value 'abc'"),
-    "unknown-control": ("generate --model {root}/model --controls temprature=1 hello",
-                        "unknown sampling key 'temprature'; valid keys: do_sample, temperature"),
     "missing-input-file": ("generate --model {root}/model --file {root}/missing.txt",
                            r"\S*/missing\.txt: no such input file"),
     "input-file-not-utf8": ("generate --model {root}/model --file {root}/sjis.txt",

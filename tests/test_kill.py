@@ -189,7 +189,13 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
     step = int(latest.name.removeprefix(ckpt.PREFIX))
     assert step >= 2 and str(latest) in stopped[0]
     assert MultiHeadGPT2.from_pretrained(latest).head_names == tuple(HEADS)
+    plain = tmp_path / "plain"
+    plain.write_text("")  # the mode this umask gives: checkpoint files are no more private than that
+    assert {f.name: f.stat().st_mode & 0o777 for f in latest.iterdir()} == \
+        {f.name: plain.stat().st_mode & 0o777 for f in latest.iterdir()}
 
+    if sig is signal.SIGTERM:
+        return  # resuming after a stop is the same for both signals: once is enough
     # resume as the message says, to a nearby end
     resumed = subprocess.run([*cmd, "--resume", "--set", f"max_steps={step + 2}"], env=env(),
                              capture_output=True, text=True, timeout=240)

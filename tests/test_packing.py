@@ -1,6 +1,7 @@
 """Shared-prefix packing: layout, mask, length policy, and exact equality with N separate sequences."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,6 +12,15 @@ from gpt2mh.model import MultiHeadGPT2
 from gpt2mh.packing import PackReport, collate, pack, packed_loss
 
 HEADS = ("a", "b", "c")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 OpenMP threads on 2 busy cores spin-wait: these small models run several times faster on one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_model(n_heads=3, seed=0):
