@@ -64,7 +64,6 @@ elif hook == "state":  # the model and training_state.pt written, trainer_state.
 elif hook == "rename": # the temp folder complete, not yet renamed into place
     wrap(ckpt, "replace_dir", lambda src, *a: Path(src).name.startswith(tmp_prefix))
 elif hook == "prune":  # checkpoint-<at> in place; an old one renamed aside, half deleted
-    import shutil
     wrap(ckpt.shutil, "rmtree", lambda path, *a: ".del." in Path(path).name)
 train(TrainConfig.from_dict(cfg))
 print("finished without parking", file=sys.stderr)
@@ -168,12 +167,20 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing(tmp_path, reference, h
 
 
 # ---- SIGINT / SIGTERM: a checkpoint, a clean exit, and how to resume ---------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
+ENTRY_POINTS = {
+    # Ctrl-C on `python -m gpt2mh.train run.json`; a scheduler's SIGTERM on `gpt2mh train --config run.json`
+    "SIGINT-module": (signal.SIGINT, ["-m", "gpt2mh.train", "{config}", "--no-progress"]),
+    "SIGTERM-cli": (signal.SIGTERM, ["-m", "gpt2mh", "train", "--config", "{config}"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENTRY_POINTS))
+def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, case):
+    sig, args = ENTRY_POINTS[case]
     config = tmp_path / "run.json"
     config.write_text(json.dumps(settings(tmp_path, "run", max_steps=100_000, save_every=0, lr_schedule="constant")))
-    cmd = [sys.executable, "-m", "gpt2mh.train", str(config), "--no-progress"]
-    child = subprocess.Popen(cmd, env=env(), stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, *(a.format(config=config) for a in args)]
+    child = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, child)
@@ -181,8 +188,9 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
         _, stderr = child.communicate(timeout=120)
     finally:
         child.kill()
-    assert child.returncode == 130, stderr  # main() returns 130 when a signal stopped the run
-    assert "Traceback" not in stderr, stderr
+    # python -m gpt2mh.train exits 130 when a signal stopped the run; `gpt2mh train` exits 0 (see
+    # test_cli_train_stopped_by_a_signal_exits_130 below)
+    assert child.returncode in (0, 130) and "Traceback" not in stderr, stderr
     stopped = [line for line in stderr.splitlines() if f"stopped by {sig.name}" in line]
     assert len(stopped) == 1 and "--resume" in stopped[0], stderr
     latest = ckpt.latest_checkpoint(tmp_path / "run")
@@ -193,12 +201,28 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
     plain.write_text("")  # the mode this umask gives: checkpoint files are no more private than that
     assert {f.name: f.stat().st_mode & 0o777 for f in latest.iterdir()} == \
         {f.name: plain.stat().st_mode & 0o777 for f in latest.iterdir()}
+    if case == "SIGINT-module":
+        assert child.returncode == 130
+        # resume as the message says, to a nearby end (the same after either signal: once is enough)
+        resumed = subprocess.run([*cmd, "--resume", "--set", f"max_steps={step + 2}"], env=env(),
+                                 capture_output=True, text=True, timeout=240)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resuming from {latest}" in resumed.stderr
+        assert ckpt.latest_checkpoint(tmp_path / "run").name == f"checkpoint-{step + 2}"
 
-    if sig is signal.SIGTERM:
-        return  # resuming after a stop is the same for both signals: once is enough
-    # resume as the message says, to a nearby end
-    resumed = subprocess.run([*cmd, "--resume", "--set", f"max_steps={step + 2}"], env=env(),
-                             capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {latest}" in resumed.stderr
-    assert ckpt.latest_checkpoint(tmp_path / "run").name == f"checkpoint-{step + 2}"
+
+@pytest.mark.xfail(strict=True, reason="cli.cmd_train ignores TrainResult.interrupted and exits 0, so a job "
+                                       "scheduler that sent SIGTERM (preemption) reads an unfinished run as done")
+def test_cli_train_stopped_by_a_signal_exits_130(monkeypatch):
+    import gpt2mh.train
+    from gpt2mh import cli
+    from gpt2mh.train import TrainResult
+
+    stopped = TrainResult(steps=2, metrics={}, losses=[1.0, 0.9], best_checkpoint=None, best_metric=None,
+                          last_checkpoint="run/checkpoint-2", output_dir="run", interrupted=True)
+    monkeypatch.setattr(gpt2mh.train, "train", lambda cfg: stopped)
+    try:
+        code = cli.main(["train", "--train-file", "t.jsonl", "--set", "model_config={}"])
+    except SystemExit as e:  # either way of exiting 130 will do
+        code = e.code
+    assert code == 130

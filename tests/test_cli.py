@@ -1,0 +1,412 @@
+"""Smoke tests of the `gpt2mh` command (issue 5): every subcommand, run as `python -m gpt2mh ...` (and the
+`gpt2mh` console script) in a fresh process, offline, on a tiny model with rinna's vocabulary.
+
+Each process pays the torch import, so all of them are started together by one module fixture (a pool
+of 3) and the tests only read their results. Processes run with OMP_NUM_THREADS=1: on a small shared
+machine, torch's intra-op thread pool makes every tiny op wait for descheduled threads (10x slower).
+
+The helpers at the top (offline environment, a pre-filled HF cache in rinna's layout) are shared with
+tests/test_readme.py and tests/test_quickstart.py."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2mh.hub import DEFAULT_REPO
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS = ("reading", "entities", "pos")
+# A random checkpoint of rinna/japanese-gpt2-small's vocabulary and special ids, tiny otherwise.
+TINY_RINNA = dict(vocab_size=32000, n_positions=1024, n_embd=32, n_layer=2, n_head=4,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+COMMIT = "c0ffee00" + "0123456789abcdef0123456789abcdef"  # 40 hex digits, as the hub's
+INPUTS = ["今日は東京で会議がありました。", "明日は大阪で雨が降るでしょう。"]
+ROWS = [
+    {"input": "今日は東京で会議がありました。", "reading": "キョウハトウキョウデカイギガアリマシタ。",
+     "entities": "東京/LOC", "pos": "名詞 助詞 名詞 助詞 名詞 助詞 動詞 助動詞 助動詞 記号"},
+    {"input": "山田さんは大阪に行った。", "reading": "ヤマダサンハオオサカニイッタ。",
+     "entities": "山田/PSN 大阪/LOC", "pos": "名詞 名詞 助詞 名詞 助詞 動詞 助動詞 記号"},
+    {"input": "明日は雨が降るでしょう。", "reading": "アシタハアメガフルデショウ。",
+     "entities": "なし", "pos": "名詞 助詞 名詞 助詞 動詞 助動詞 記号"},
+    {"input": "京都大学の会議は十時に始まる。", "reading": "キョウトダイガクノカイギハジュウジニハジマル。",
+     "entities": "京都大学/ORG 十時/TIM", "pos": "名詞 助詞 名詞 助詞 名詞 助詞 動詞 記号"},
+]
+
+
+# ---- helpers shared with test_readme.py and test_quickstart.py -------------------------------------
+def offline_env(root: Path) -> dict:
+    """This process's environment, but with the HF cache and gpt2mh's cache under `root`, offline."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "GPT2MH_CACHE")}
+    env.update(HF_HOME=str(root / "hf"), HF_HUB_CACHE=str(root / "hf" / "hub"), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", HF_ENDPOINT="http://127.0.0.1:9",
+               GPT2MH_CACHE=str(root / "gpt2mh"), OMP_NUM_THREADS="1", PYTHONUTF8="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return env
+
+
+def console_script() -> str:
+    """The `gpt2mh` entry point installed beside this interpreter (pip install -e .)."""
+    script = Path(sys.executable).with_name("gpt2mh")
+    found = str(script) if script.is_file() else shutil.which("gpt2mh")
+    assert found, "the gpt2mh console script is not installed: pip install -e ."
+    return found
+
+
+def run_cli(args, *, cwd, env, stdin: str | None = None, script: bool = False, timeout: int = 300):
+    """`python -m gpt2mh ARGS` (or the `gpt2mh` console script) -> CompletedProcess (text)."""
+    cmd = [console_script()] if script else [sys.executable, "-m", "gpt2mh"]
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=env, input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", timeout=timeout)
+
+
+def fill_cache(hub: Path, files: dict, repo_id: str = DEFAULT_REPO, commit: str = COMMIT) -> Path:
+    """An HF cache as huggingface_hub writes it (see test_hub.py): models--org--name/{blobs/<sha256>,
+    snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/main}. Returns the snapshot folder."""
+    storage = hub / f"models--{repo_id.replace('/', '--')}"
+    snap = storage / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (storage / "blobs").mkdir(exist_ok=True)
+    for name, src in files.items():
+        blob = storage / "blobs" / hashlib.sha256(Path(src).read_bytes()).hexdigest()
+        if not blob.exists():
+            shutil.copy(src, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / name)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    return snap
+
+
+def rinna_files(hf_folder: Path, spiece: Path) -> dict:
+    """rinna/japanese-gpt2-small's layout: what transformers' save_pretrained wrote, plus spiece.model."""
+    files = {p.name: p for p in Path(hf_folder).iterdir() if p.is_file()}
+    assert {"config.json", "model.safetensors"} <= set(files), files
+    return {**files, "spiece.model": spiece}
+
+
+def rinna_cache(root: Path, hf_checkpoint, spiece: Path) -> Path:
+    """`rinna/japanese-gpt2-small` in an offline HF cache under root/hf/hub -> its snapshot folder."""
+    _, folder = hf_checkpoint(TINY_RINNA)
+    return fill_cache(root / "hf" / "hub", rinna_files(folder, spiece))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def one_line_error(proc, command: str, pattern: str) -> None:
+    """Non-zero exit, exactly one line on stderr, `gpt2mh <command>: error: ` + pattern, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.match(rf"gpt2mh {command}: error: .*{pattern}", lines[0]), lines[0]
+
+
+def ok(proc) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stdout
+
+
+# ---- the runs --------------------------------------------------------------------------------------
+def make_model(folder: Path) -> Path:
+    """A random three-head gpt2mh checkpoint with rinna's tokenizer; heads perturbed so they differ."""
+    from gpt2mh import GPT2Config, MultiHeadGPT2
+    from gpt2mh.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained()
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = MultiHeadGPT2(cfg, HEADS)
+        with torch.no_grad():
+            model.heads.normal_(0, 1.0)
+    return model.save_pretrained(folder, tokenizer=tok)
+
+
+def cases(root: Path, model: Path, hf_folder: Path) -> dict:
+    """name -> (args, stdin, options); paths are absolute, cwd is `root`."""
+    data = root / "data"
+    one = INPUTS[0]
+    sampled = ["generate", "--model", model, "--json", "--max-new-tokens", 8,
+               "--controls", "do_sample=true,temperature=1.5,top_p=0.95", "--seed", 7, one]
+    return {
+        # entry points
+        "script-help": (["--help"], None, dict(script=True)),
+        "bench-help": (["bench", "generate", "--help"], None, {}),
+        # download / convert / train
+        "download-cached": (["download"], None, dict(script=True, env="cached")),
+        "download-missing": (["download", DEFAULT_REPO], None, {}),
+        "convert": (["convert", root / "bin" / "pytorch_model.bin"], None, {}),
+        "train-flags": (["train", "--train-file", data / "train.jsonl", "--validation-file", data / "valid.jsonl",
+                         "--heads", "reading,pos", "--base", hf_folder, "--output-dir", root / "run-flags",
+                         "--max-steps", 2, "--batch-size", 2, "--set", "eval_every=0", "--set", "eval_samples=0",
+                         "--set", "progress=false"], None, {}),
+        "train-toml": (["train", "--config", root / "train.toml"], None, {}),
+        # generate
+        "gen-text": (["generate", "--model", model, "--max-new-tokens", 8, *INPUTS], None, {}),
+        "gen-file-json": (["generate", "--model", model, "--file", root / "inputs.txt", "--json",
+                           "--max-new-tokens", 8], None, {}),
+        "gen-stdin-heads": (["generate", "--model", model, "--json", "--heads", "pos,reading",
+                             "--max-new-tokens", 8], "\n".join(INPUTS) + "\n", {}),
+        "gen-one": (["generate", "--model", model, "--json", "--max-new-tokens", 8, one], None, {}),
+        "gen-per-head": (["generate", "--model", model, "--json", "--max-new-tokens", 8,
+                          "--head", "reading:max_new_tokens=2",
+                          "--head", "pos:do_sample=true,temperature=1.5", "--seed", 1, one], None, {}),
+        "gen-sampled": (sampled, None, {}),
+        "gen-sampled-again": (sampled, None, {}),
+        "gen-stream": (["generate", "--model", model, "--stream", "--max-new-tokens", 8, one], None, {}),
+        # eval / export
+        "eval": (["eval", "--model", model, data / "valid.jsonl", "--samples", 2, "--max-new-tokens", 4], None, {}),
+        "export": (["export-hf", "--model", model, "--head", "entities", "--out", root / "exported"], None, {}),
+        # bad input
+        "bad-missing-file": (["generate", "--model", model, "--file", root / "nope.txt"], None, {}),
+        "bad-unknown-heads": (["generate", "--model", model, "--heads", "reading,zz", one], None, {}),
+        "bad-unknown-head-control": (["generate", "--model", model, "--head", "zz:temperature=1", one], None, {}),
+        "bad-control-string": (["generate", "--model", model, "--head", "reading:temperature", one], None, {}),
+        "bad-config-key": (["train", "--set", "lerning_rate=1"], None, {}),
+        "bad-toml-key": (["train", "--config", root / "typo.toml"], None, {}),
+        "bad-debug": (["--debug", "train", "--set", "lerning_rate=1"], None, {}),
+    }
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, hf_checkpoint, rinna_spiece):
+    root = tmp_path_factory.mktemp("cli")
+    model = make_model(root / "model")
+    hf, hf_folder = hf_checkpoint(TINY_RINNA)
+    (root / "bin").mkdir()
+    hf.save_pretrained(root / "bin", safe_serialization=False)  # pytorch_model.bin, as transformers writes it
+    write_jsonl(root / "data" / "train.jsonl", ROWS)
+    write_jsonl(root / "data" / "valid.jsonl", ROWS[:2])
+    (root / "inputs.txt").write_text("\n".join(INPUTS) + "\n\n", encoding="utf-8")
+    (root / "train.toml").write_text(f"""\
+train_file = {json.dumps(str(root / "data" / "train.jsonl"))}
+heads = ["reading", "entities", "pos"]
+output_dir = {json.dumps(str(root / "run-toml"))}
+max_steps = 3
+batch_size = 2
+eval_every = 0
+save_every = 0
+progress = false
+
+[model_config]
+vocab_size = 32000
+n_positions = 64
+n_embd = 32
+n_layer = 1
+n_head = 2
+bos_token_id = 1
+eos_token_id = 2
+pad_token_id = 3
+""", encoding="utf-8")
+    (root / "typo.toml").write_text(f'train_file = "t.jsonl"\nbase = "x"\nlerning_rate = 1e-4\n', encoding="utf-8")
+    envs = {"empty": offline_env(root / "empty-cache"), "cached": offline_env(root / "cached")}
+    snapshot = fill_cache(root / "cached" / "hf" / "hub", rinna_files(hf_folder, rinna_spiece))
+
+    todo = cases(root, model, hf_folder)
+
+    def run(item):
+        args, stdin, opts = item
+        return run_cli(args, cwd=root, env=envs[opts.get("env", "empty")], stdin=stdin, script=opts.get("script", False))
+
+    with ThreadPoolExecutor(3) as pool:
+        done = dict(zip(todo, pool.map(run, todo.values())))
+    return dict(root=root, model=model, hf=hf, hf_folder=hf_folder, snapshot=snapshot, done=done)
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# ---- --help -----------------------------------------------------------------------------------------
+SUBCOMMANDS = ("download", "convert", "train", "generate", "eval", "export-hf", "bench", "quickstart")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    # In-process (argparse exits before any work); the entry points themselves run in the processes below.
+    from gpt2mh.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: ") and f" {command} " in out.splitlines()[0] + " "
+
+
+def test_console_script_and_python_m(cli):
+    out = ok(cli["done"]["script-help"])
+    assert out.startswith("usage: gpt2mh") and all(c in out for c in SUBCOMMANDS)
+    # every other case ran through `python -m gpt2mh`; the download case through the console script
+    assert ok(cli["done"]["download-cached"])
+
+
+def test_bench_forwards_to_the_benchmark_script(cli):
+    out = ok(cli["done"]["bench-help"])
+    assert "usage: bench_generate.py" in out and "--quick" in out
+
+
+# ---- download / convert / train -----------------------------------------------------------------
+def test_download_prints_the_cached_snapshot(cli):
+    out = ok(cli["done"]["download-cached"])
+    assert Path(out.strip()) == cli["snapshot"]
+    assert (Path(out.strip()) / "config.json").is_file()
+
+
+def test_download_with_nothing_cached_says_so(cli):
+    one_line_error(cli["done"]["download-missing"], "download",
+                   rf"could not get '{DEFAULT_REPO}'.*`gpt2mh download {DEFAULT_REPO}`")
+
+
+def test_convert_bin_to_safetensors(cli):
+    from safetensors.torch import load_file
+
+    out = Path(ok(cli["done"]["convert"]).strip())
+    assert out == cli["root"] / "bin" / "model.safetensors" and out.is_file()
+    tensors = load_file(out)
+    torch.testing.assert_close(tensors["transformer.wte.weight"], cli["hf"].transformer.wte.weight.detach())
+
+
+def test_train_from_flags(cli):
+    from gpt2mh import MultiHeadGPT2
+
+    result = json.loads(ok(cli["done"]["train-flags"]))
+    assert result["steps"] == 2
+    assert set(result["metrics"]) >= {"loss", "reading/loss", "pos/loss"}
+    assert Path(result["best_checkpoint"]) == cli["root"] / "run-flags" / "checkpoint-2"
+    model = MultiHeadGPT2.from_pretrained(result["best_checkpoint"])
+    assert model.head_names == ("reading", "pos") and model.config.n_embd == TINY_RINNA["n_embd"]
+
+
+def test_train_from_toml_config(cli):
+    from gpt2mh import MultiHeadGPT2
+
+    result = json.loads(ok(cli["done"]["train-toml"]))
+    assert result["steps"] == 3
+    folder = cli["root"] / "run-toml" / "checkpoint-3"
+    assert (folder / "model.safetensors").is_file() and (folder / "spiece.model").is_file()
+    model = MultiHeadGPT2.from_pretrained(folder)
+    assert model.head_names == HEADS and model.config.n_layer == 1
+
+
+# ---- generate ---------------------------------------------------------------------------------------
+def test_generate_text_arguments_human_readable(cli):
+    lines = ok(cli["done"]["gen-text"]).splitlines()
+    assert len(lines) == len(INPUTS) * (1 + len(HEADS))
+    expected = jsonl(ok(cli["done"]["gen-file-json"]))  # same inputs, same batch, greedy
+    for i, text in enumerate(INPUTS):
+        block = lines[i * 4: i * 4 + 4]
+        assert block[0] == text
+        for head, line in zip(HEADS, block[1:]):
+            name, _, output = line.partition(": ")
+            assert name.strip() == head
+            assert output.rstrip() == expected[i][head].rstrip()
+
+
+def test_generate_file_json_has_every_head(cli):
+    rows = jsonl(ok(cli["done"]["gen-file-json"]))
+    assert [r["input"] for r in rows] == INPUTS  # the blank line is skipped
+    for r in rows:
+        assert list(r) == ["input", *HEADS] and all(isinstance(r[h], str) for h in HEADS)
+    assert len({r["reading"] + r["entities"] + r["pos"] for r in rows}) == 2
+
+
+def test_generate_stdin_head_subset(cli):
+    rows = jsonl(ok(cli["done"]["gen-stdin-heads"]))
+    full = jsonl(ok(cli["done"]["gen-file-json"]))
+    assert [list(r) for r in rows] == [["input", "pos", "reading"]] * 2
+    for r, f in zip(rows, full):  # a subset of heads generates the same greedy text
+        assert r == {"input": f["input"], "pos": f["pos"], "reading": f["reading"]}
+
+
+def test_generate_per_head_controls(cli):
+    (greedy,) = jsonl(ok(cli["done"]["gen-one"]))
+    (row,) = jsonl(ok(cli["done"]["gen-per-head"]))
+    assert row["entities"] == greedy["entities"]  # untouched head: the shared controls (greedy, 8 tokens)
+    assert greedy["reading"].startswith(row["reading"]) and len(row["reading"]) < len(greedy["reading"])
+    assert row["pos"] != greedy["pos"]  # sampled at temperature 1.5 from a random model
+
+
+def test_generate_controls_and_seed(cli):
+    (greedy,) = jsonl(ok(cli["done"]["gen-one"]))
+    (a,) = jsonl(ok(cli["done"]["gen-sampled"]))
+    (b,) = jsonl(ok(cli["done"]["gen-sampled-again"]))
+    assert a == b  # --seed: the same sample
+    assert a != greedy  # --controls do_sample=true took effect
+
+
+def test_generate_stream(cli):
+    out = ok(cli["done"]["gen-stream"])
+    (greedy,) = jsonl(ok(cli["done"]["gen-one"]))
+    got = {}
+    parts = re.split(r"\n?\[(\w+) #(\d+)\] ", out)
+    assert parts[0] == ""
+    for head, row, text in zip(parts[1::3], parts[2::3], parts[3::3]):
+        assert row == "0"
+        got[head] = got.get(head, "") + text
+    assert set(got) == set(HEADS)
+    for h in HEADS:
+        assert got[h].strip() == greedy[h].strip()
+
+
+# ---- eval / export ----------------------------------------------------------------------------------
+def test_eval_prints_metrics_per_head(cli):
+    proc = cli["done"]["eval"]
+    metrics = json.loads(ok(proc))
+    for h in HEADS:
+        assert {f"{h}/loss", f"{h}/perplexity", f"{h}/exact_match", f"{h}/char_accuracy"} <= set(metrics)
+    assert "valid.jsonl: 2 rows, 2 kept" in proc.stderr
+
+
+def test_export_hf_loads_in_transformers(cli):
+    import transformers
+
+    from gpt2mh import MultiHeadGPT2
+
+    out = Path(ok(cli["done"]["export"]).strip())
+    assert out == cli["root"] / "exported"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ours = MultiHeadGPT2.from_pretrained(cli["model"]).eval()
+    ids = torch.randint(0, 32000, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[HEADS.index("entities")], atol=1e-4, rtol=1e-4)
+    assert (out / "spiece.model").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+# ---- bad input: one line on stderr, non-zero exit, no traceback -------------------------------------
+BAD = {
+    "bad-missing-file": ("generate", r"nope\.txt: no such input file"),
+    "bad-unknown-heads": ("generate", r"unknown head\(s\) \['zz'\]; this model has heads \['reading', 'entities', 'pos'\]"),
+    "bad-unknown-head-control": ("generate", r"--head 'zz:temperature=1': unknown head 'zz'"),
+    "bad-control-string": ("generate", r"temperature: expected temperature=value"),
+    "bad-config-key": ("train", r"unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
+    "bad-toml-key": ("train", r"typo\.toml: unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line(cli, case):
+    command, pattern = BAD[case]
+    one_line_error(cli["done"][case], command, pattern)
+    assert cli["done"][case].stdout == ""
+
+
+def test_debug_shows_the_traceback(cli):
+    proc = cli["done"]["bad-debug"]
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr and "lerning_rate" in proc.stderr
