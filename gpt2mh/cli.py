@@ -170,8 +170,10 @@ def cmd_train(args) -> None:
         overrides[key] = parse_value(value)
     cfg = TrainConfig.from_dict({**(cfg.to_dict() if cfg else {}), **overrides})
     result = train(cfg)
-    print(json.dumps({"best_checkpoint": str(result.best_checkpoint), "steps": result.steps,
-                      "metrics": result.metrics}, ensure_ascii=False, indent=2))
+    print(json.dumps({"best_checkpoint": result.best_checkpoint, "last_checkpoint": result.last_checkpoint,
+                      "steps": result.steps, "metrics": result.metrics}, ensure_ascii=False, indent=2))
+    if result.interrupted:
+        raise SystemExit(130)  # stopped by SIGINT/SIGTERM: resumable, but not done
 
 
 def cmd_eval(args) -> None:
@@ -297,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"gpt2mh {args.command}: error: {msg}", file=sys.stderr)
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        print(f"gpt2mh {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, KeyError, FileNotFoundError, NotADirectoryError, TypeError)) else 1
     return 0
 

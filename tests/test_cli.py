@@ -145,8 +145,6 @@ def cases(root: Path, model: Path, hf_folder: Path) -> dict:
     sampled = ["generate", "--model", model, "--json", "--max-new-tokens", 8,
                "--controls", "do_sample=true,temperature=1.5,top_p=0.95", "--seed", 7, one]
     return {
-        # entry points
-        "script-help": (["--help"], None, dict(script=True)),
         "bench-help": (["bench", "generate", "--help"], None, {}),
         # download / convert / train
         "download-cached": (["download"], None, dict(script=True, env="cached")),
@@ -173,13 +171,8 @@ def cases(root: Path, model: Path, hf_folder: Path) -> dict:
         # eval / export
         "eval": (["eval", "--model", model, data / "valid.jsonl", "--samples", 2, "--max-new-tokens", 4], None, {}),
         "export": (["export-hf", "--model", model, "--head", "entities", "--out", root / "exported"], None, {}),
-        # bad input
-        "bad-missing-file": (["generate", "--model", model, "--file", root / "nope.txt"], None, {}),
-        "bad-unknown-heads": (["generate", "--model", model, "--heads", "reading,zz", one], None, {}),
-        "bad-unknown-head-control": (["generate", "--model", model, "--head", "zz:temperature=1", one], None, {}),
-        "bad-control-string": (["generate", "--model", model, "--head", "reading:temperature", one], None, {}),
+        # bad input (more in-process below)
         "bad-config-key": (["train", "--set", "lerning_rate=1"], None, {}),
-        "bad-toml-key": (["train", "--config", root / "typo.toml"], None, {}),
         "bad-debug": (["--debug", "train", "--set", "lerning_rate=1"], None, {}),
     }
 
@@ -246,14 +239,22 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: ") and f" {command} " in out.splitlines()[0] + " "
+    assert out.startswith("usage: ") and f" {command} " in out.splitlines()[0] + " "
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    from gpt2mh.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: gpt2mh") and all(c in out for c in SUBCOMMANDS)
 
 
 def test_console_script_and_python_m(cli):
-    out = ok(cli["done"]["script-help"])
-    assert out.startswith("usage: gpt2mh") and all(c in out for c in SUBCOMMANDS)
-    # every other case ran through `python -m gpt2mh`; the download case through the console script
-    assert ok(cli["done"]["download-cached"])
+    # every case ran through `python -m gpt2mh`, except the download one: through the console script
+    assert cli["done"]["download-cached"].args[0] == console_script()
+    assert ok(cli["done"]["download-cached"]) and ok(cli["done"]["gen-one"])
 
 
 def test_bench_forwards_to_the_benchmark_script(cli):
@@ -389,24 +390,50 @@ def test_export_hf_loads_in_transformers(cli):
 
 
 # ---- bad input: one line on stderr, non-zero exit, no traceback -------------------------------------
-BAD = {
-    "bad-missing-file": ("generate", r"nope\.txt: no such input file"),
-    "bad-unknown-heads": ("generate", r"unknown head\(s\) \['zz'\]; this model has heads \['reading', 'entities', 'pos'\]"),
-    "bad-unknown-head-control": ("generate", r"--head 'zz:temperature=1': unknown head 'zz'"),
-    "bad-control-string": ("generate", r"temperature: expected temperature=value"),
-    "bad-config-key": ("train", r"unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
-    "bad-toml-key": ("train", r"typo\.toml: unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line(cli, case):
-    command, pattern = BAD[case]
-    one_line_error(cli["done"][case], command, pattern)
-    assert cli["done"][case].stdout == ""
+def test_bad_config_key_did_you_mean(cli):
+    one_line_error(cli["done"]["bad-config-key"], "train",
+                   r"unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)")
+    assert cli["done"]["bad-config-key"].stdout == ""
 
 
 def test_debug_shows_the_traceback(cli):
     proc = cli["done"]["bad-debug"]
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr and "lerning_rate" in proc.stderr
+
+
+# More bad input, through cli.main in this process (the same code path as above, without paying a
+# torch import per case): an exception escaping main() would fail the test.
+BAD = {
+    "missing-file": ("generate --model {model} --file {root}/nope.txt", r"\S*/nope\.txt: no such input file"),
+    "missing-model": ("generate --model {root}/nope hello", r"\S*/nope: no such checkpoint folder"),
+    "unknown-heads": ("generate --model {model} --heads reading,zz hello",
+                      r"unknown head\(s\) \['zz'\]; this model has heads \['reading', 'entities', 'pos'\]"),
+    "unknown-head-control": ("generate --model {model} --head zz:temperature=1 hello",
+                             r"--head 'zz:temperature=1': unknown head 'zz'; the model has"),
+    "control-without-head": ("generate --model {model} --head temperature=1 hello",
+                             r"--head 'temperature=1': expected NAME:key=value"),
+    "control-without-value": ("generate --model {model} --head reading:temperature hello",
+                              r"temperature: expected temperature=value, got 'temperature'"),
+    "control-bad-value": ("generate --model {model} --controls top_p=high hello", r"top_p: cannot parse value 'high'"),
+    "unknown-control": ("generate --model {model} --controls temprature=1 hello", r"unknown sampling key 'temprature'"),
+    "config-file-key": ("train --config {root}/typo.toml",
+                        r"\S*typo\.toml: unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
+    "missing-data": ("eval --model {model} {root}/nope.jsonl", r"nope\.jsonl"),
+    "export-unknown-head": ("export-hf --model {model} --head zz --out {root}/x", r"unknown head\(s\) \['zz'\]"),
+    "convert-missing": ("convert {root}/nope.bin", r"\S*/nope\.bin: no such \.bin file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line(cli, case, capsys):
+    from gpt2mh.cli import main
+
+    command, pattern = BAD[case]
+    argv = command.format(root=cli["root"], model=cli["model"]).split()
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code != 0 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert re.match(rf"gpt2mh {argv[0]}: error: {pattern}", lines[0]), lines[0]

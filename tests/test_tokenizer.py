@@ -1,7 +1,6 @@
 """gpt2mh.tokenizer.Tokenizer against transformers 4.57.6's slow T5Tokenizer, built as rinna users build it."""
 
 import hashlib
-import importlib.resources
 import os
 import string
 import unicodedata
@@ -56,17 +55,12 @@ HANDMADE = [
 
 
 def corpus_sentences() -> list[str]:
-    text = (importlib.resources.files("hironsan.corpus") / "iob_sents.txt").read_text(encoding="utf-8")
-    sentences, words = [], []
-    for line in text.split("\n"):
-        if line.strip():
-            words.append(line.split("\t")[0])
-        elif words:
-            sentences.append("".join(words))
-            words = []
-    if words:
-        sentences.append("".join(words))
-    return sentences
+    # The surfaces of every hironsancorpus sentence, read by gpt2mh.corpus (which never imports the
+    # package's own parser or pickle).
+    from gpt2mh.corpus import load_sentences
+
+    train, test = load_sentences()
+    return ["".join(t.surface for t in sent) for sent in train + test]
 
 
 CORPUS = corpus_sentences()
