@@ -126,14 +126,21 @@ def gpt2mh_run(folder: Path, data: Path, out_dir: Path, args):
     return Run(cfg, Dist(device=args.device))
 
 
-def gpt2mh_step(run) -> tuple[int, list[float]]:
-    """One optimizer step; returns (labelled target tokens, per-head mean loss)."""
+def gpt2mh_step(run) -> tuple[int, list[float], dict]:
+    """One optimizer step; returns (labelled target tokens, per-head mean loss, work done)."""
     from gpt2mh.train import step_indices
 
     idx = step_indices(run.step, len(run.train), run.cfg.batch_size, run.cfg.seed)
     tokens = int(run.label_counts[idx].sum())
+    lengths = [len(run.train[i]) for i in idx]
     head_loss, _ = run.train_step()
-    return tokens, head_loss.tolist()
+    # logits only at labelled positions, each through its own head
+    return tokens, head_loss.tolist(), work(sum(lengths), len(idx) * max(lengths), tokens)
+
+
+def work(positions: int, padded: int, logit_rows: int) -> dict:
+    """What a step feeds the trunk (real and padded positions) and how many rows of logits it makes."""
+    return {"positions": positions, "padded_positions": padded, "logit_rows": logit_rows}
 
 
 # ---- transformers: N separate fine-tunes --------------------------------------------------------
@@ -192,7 +199,7 @@ class HFFineTune:
         opt = make_optimizer(model, cfg, device)
         return cls(model, opt, make_scheduler(opt, cfg, total), head)
 
-    def train_step(self, rows, cfg, pad_id: int, device) -> tuple[int, float]:
+    def train_step(self, rows, cfg, pad_id: int, device) -> tuple[int, float, dict]:
         from gpt2mh.train import step_indices
 
         idx = step_indices(self.step, len(rows), cfg.batch_size, cfg.seed)  # gpt2mh's data order
@@ -207,7 +214,10 @@ class HFFineTune:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return sum(len(t) for _, t in pairs), float(loss.detach())
+        tokens, T = sum(len(t) for _, t in pairs), batch["input_ids"].size(1)
+        # the LM head runs at every position, input and pads included
+        return tokens, float(loss.detach()), work(sum(len(i) + len(t) for i, t in pairs), len(pairs) * T,
+                                                 len(pairs) * T)
 
 
 def total_steps(args) -> int:
@@ -223,6 +233,7 @@ class Record:
     round_s: list = field(default_factory=list)      # a round: `steps` steps (hf: of all N models)
     round_tokens: list = field(default_factory=list)
     cpu_share: list = field(default_factory=list)    # per round: process CPU time / (wall x threads)
+    work: dict = field(default_factory=dict)         # summed over the timed steps, see `work`
     first_loss: list | None = None                   # per head, the first step's loss
     last_loss: list | None = None
 
@@ -230,14 +241,14 @@ class Record:
 def warm_up(run, hfs, rows, args, recs) -> None:
     pad = run.tokenizer.pad_id
     for _ in range(args.warmup):
-        dt, (_, loss) = common.timed(lambda: gpt2mh_step(run), args.device)
+        dt, (_, loss, _) = common.timed(lambda: gpt2mh_step(run), args.device)
         recs["gpt2mh"].warmup_s.append(dt)
         recs["gpt2mh"].first_loss = recs["gpt2mh"].first_loss or loss
         first = []
         for m in hfs:
-            dt, (_, l) = common.timed(lambda: m.train_step(rows, run.cfg, pad, args.device), args.device)
+            dt, (_, hf_loss, _) = common.timed(lambda: m.train_step(rows, run.cfg, pad, args.device), args.device)
             recs["hf"].warmup_s.append(dt)
-            first.append(l)
+            first.append(hf_loss)
         recs["hf"].first_loss = recs["hf"].first_loss or first
     common.log(f"warm-up ({args.warmup} step(s)): gpt2mh {sum(recs['gpt2mh'].warmup_s):.2f} s, "
                f"hf ({len(hfs)} models) {sum(recs['hf'].warmup_s):.2f} s")
@@ -251,8 +262,9 @@ def run_system(name, run, hfs, rows, args, rec) -> None:
         [lambda m=m: m.train_step(rows, run.cfg, pad, args.device) for m in hfs]
     for job in jobs:  # hf: model k runs all its steps before model k+1, as separate fine-tunes would
         for _ in range(args.steps):
-            dt, (n, loss) = common.timed(job, args.device)
+            dt, (n, loss, w) = common.timed(job, args.device)
             rec.step_s.append(dt)
+            rec.work = {k: rec.work.get(k, 0) + v for k, v in w.items()}
             wall, tokens = wall + dt, tokens + n
         losses.append(loss)
     rec.round_s.append(wall)
@@ -281,7 +293,7 @@ def summarize(rec: Record, n_models: int) -> dict:
         "round_s": rec.round_s, "round_target_tokens": rec.round_tokens,
         "ms_per_step": step * 1e3 if step else None,            # one model's optimizer step
         "ms_per_step_all_heads": step * n_models * 1e3 if step else None,  # B examples, all N targets
-        "steps_s": rec.step_s, "warmup_steps_s": rec.warmup_s, "cpu_share": rec.cpu_share,
+        "work": rec.work, "steps_s": rec.step_s, "warmup_steps_s": rec.warmup_s, "cpu_share": rec.cpu_share,
         "first_loss": rec.first_loss, "last_loss": rec.last_loss,
     }
 
@@ -304,7 +316,7 @@ def disk_sizes(run, hfs, tmp: Path) -> dict:
 # ---- peak RSS in a child process ---------------------------------------------------------------
 def child(args) -> None:
     """One system in this fresh process: load, warm-up + `steps` steps; hf: the N models one after
-    another, each freed before the next (as N separate runs would). Peak RSS = ru_maxrss."""
+    another, each freed before the next (as N separate runs would)."""
     import transformers  # noqa: F401
     from transformers import GPT2LMHeadModel  # noqa: F401  (the lazy module: import the model code)
     import gpt2mh  # noqa: F401
@@ -332,7 +344,10 @@ def child(args) -> None:
                     del m
                     gc.collect()
     fig["rss_end"] = common.rss_bytes()
-    fig["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # VmHWM, this process's own high-water mark. Linux's ru_maxrss is not: exec keeps the larger of
+    # the old and new peaks, so a child forked from the big parent reports at least the parent's RSS.
+    fig["peak_rss"] = common.peak_rss_bytes()
+    fig["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     fig["gpu_peak_bytes"] = common.gpu_peak_bytes(args.device)
     common.write_json(args.child_out, fig)
 
@@ -377,7 +392,8 @@ def payload(args, info, recs, extra, started, complete) -> dict:
         "settings": info,
         "results": [g, h],
         "ratio": {"target_tokens_per_s": ratio, "per_round": rounds, "median_per_round": common.median(rounds),
-                  "target": TARGET_RATIO},
+                  "target": TARGET_RATIO,
+                  "work_hf_over_gpt2mh": {k: h["work"][k] / v for k, v in g["work"].items() if v}},
         "peak_rss": rss and {k: v["peak_rss"] for k, v in rss.items()},
         "peak_rss_gpt2mh_over_hf": rss and rss["gpt2mh"]["peak_rss"] / rss["hf"]["peak_rss"],
         "rss_children": rss,

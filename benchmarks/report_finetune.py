@@ -51,7 +51,13 @@ def table(d: dict, path: Path) -> list[str]:
                      f"{fmt(disk_of.get(name), '.0f', 1 / MIB)} | {fmt(share, '.0%')} |")
     lines += ["", f"gpt2mh / transformers: **{fmt(r['target_tokens_per_s'], '.2f')}x** target tokens/s "
               f"(per round {', '.join(fmt(x, '.2f') for x in r['per_round'])}); peak RSS "
-              f"{fmt(d.get('peak_rss_gpt2mh_over_hf'), '.2f')}x; on disk {fmt(disk.get('gpt2mh_over_hf'), '.2f')}x.", ""]
+              f"{fmt(d.get('peak_rss_gpt2mh_over_hf'), '.2f')}x; on disk {fmt(disk.get('gpt2mh_over_hf'), '.2f')}x."]
+    w = r.get("work_hf_over_gpt2mh") or {}
+    if w:
+        lines.append(f"transformers / gpt2mh work per target token: trunk positions {fmt(w.get('positions'), '.2f')}x "
+                     f"({fmt(w.get('padded_positions'), '.2f')}x with padding), logit rows "
+                     f"{fmt(w.get('logit_rows'), '.2f')}x.")
+    lines.append("")
     return lines
 
 

@@ -40,12 +40,11 @@ def cmd_convert(args) -> None:
     print(convert_bin(src, out))
 
 
-def load_model_and_tokenizer(src: str | None, device: str | None, revision: str | None = None):
-    from .hub import resolve_checkpoint
-    from .model import MultiHeadGPT2
-    from .tokenizer import Tokenizer
-
+def model_folder(src: str | None, revision: str | None = None) -> Path:
+    """--model: a checkpoint folder, a training output folder (its newest checkpoint) or a hub id;
+    None: the quickstart's result in runs/quickstart."""
     from .checkpoint import latest_checkpoint
+    from .hub import resolve_checkpoint
 
     if src is None:
         if latest_checkpoint(DEFAULT_RUN) is None:
@@ -55,6 +54,14 @@ def load_model_and_tokenizer(src: str | None, device: str | None, revision: str 
     folder = resolve_checkpoint(src, revision=revision)
     if not (folder / "config.json").is_file() and latest_checkpoint(folder) is not None:
         folder = latest_checkpoint(folder)  # a training output folder: its newest checkpoint
+    return folder
+
+
+def load_model_and_tokenizer(src: str | None, device: str | None, revision: str | None = None):
+    from .model import MultiHeadGPT2
+    from .tokenizer import Tokenizer
+
+    folder = model_folder(src, revision)
     model = MultiHeadGPT2.from_pretrained(folder, device=pick_device(device))
     tok = Tokenizer.from_pretrained(folder if (folder / "spiece.model").is_file() else None)
     return model, tok
@@ -148,7 +155,8 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from .export import export_hf_from_checkpoint
 
-    print(export_hf_from_checkpoint(args.model, args.head, args.out, overwrite=args.overwrite))
+    # like generate and eval, --model may be a training output folder (runs/quickstart): its newest checkpoint
+    print(export_hf_from_checkpoint(model_folder(args.model), args.head, args.out, overwrite=args.overwrite))
 
 
 def cmd_bench(args) -> None:

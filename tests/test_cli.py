@@ -141,9 +141,9 @@ def make_model(folder: Path) -> Path:
 def cases(root: Path, model: Path, hf_folder: Path) -> dict:
     """name -> (args, stdin, options); paths are absolute, cwd is `root`."""
     data = root / "data"
-    one = INPUTS[0]
+    # Every generate case has the same inputs (one batch): gen-file-json is the greedy reference.
     sampled = ["generate", "--model", model, "--json", "--max-new-tokens", 8,
-               "--controls", "do_sample=true,temperature=1.5,top_p=0.95", "--seed", 7, one]
+               "--controls", "do_sample=true,temperature=1.5,top_p=0.95", "--seed", 7, *INPUTS]
     return {
         "bench-help": (["bench", "generate", "--help"], None, {}),
         # download / convert / train
@@ -161,13 +161,12 @@ def cases(root: Path, model: Path, hf_folder: Path) -> dict:
                            "--max-new-tokens", 8], None, {}),
         "gen-stdin-heads": (["generate", "--model", model, "--json", "--heads", "pos,reading",
                              "--max-new-tokens", 8], "\n".join(INPUTS) + "\n", {}),
-        "gen-one": (["generate", "--model", model, "--json", "--max-new-tokens", 8, one], None, {}),
         "gen-per-head": (["generate", "--model", model, "--json", "--max-new-tokens", 8,
                           "--head", "reading:max_new_tokens=2",
-                          "--head", "pos:do_sample=true,temperature=1.5", "--seed", 1, one], None, {}),
+                          "--head", "pos:do_sample=true,temperature=1.5", "--seed", 1, *INPUTS], None, {}),
         "gen-sampled": (sampled, None, {}),
         "gen-sampled-again": (sampled, None, {}),
-        "gen-stream": (["generate", "--model", model, "--stream", "--max-new-tokens", 8, one], None, {}),
+        "gen-stream": (["generate", "--model", model, "--stream", "--max-new-tokens", 8, *INPUTS], None, {}),
         # eval / export
         "eval": (["eval", "--model", model, data / "valid.jsonl", "--samples", 2, "--max-new-tokens", 4], None, {}),
         "export": (["export-hf", "--model", model, "--head", "entities", "--out", root / "exported"], None, {}),
@@ -254,7 +253,7 @@ def test_top_level_help_lists_every_subcommand(capsys):
 def test_console_script_and_python_m(cli):
     # every case ran through `python -m gpt2mh`, except the download one: through the console script
     assert cli["done"]["download-cached"].args[0] == console_script()
-    assert ok(cli["done"]["download-cached"]) and ok(cli["done"]["gen-one"])
+    assert ok(cli["done"]["download-cached"]) and ok(cli["done"]["gen-text"])
 
 
 def test_bench_forwards_to_the_benchmark_script(cli):
@@ -336,33 +335,34 @@ def test_generate_stdin_head_subset(cli):
 
 
 def test_generate_per_head_controls(cli):
-    (greedy,) = jsonl(ok(cli["done"]["gen-one"]))
-    (row,) = jsonl(ok(cli["done"]["gen-per-head"]))
-    assert row["entities"] == greedy["entities"]  # untouched head: the shared controls (greedy, 8 tokens)
-    assert greedy["reading"].startswith(row["reading"]) and len(row["reading"]) < len(greedy["reading"])
-    assert row["pos"] != greedy["pos"]  # sampled at temperature 1.5 from a random model
+    greedy = jsonl(ok(cli["done"]["gen-file-json"]))
+    rows = jsonl(ok(cli["done"]["gen-per-head"]))
+    assert [r["input"] for r in rows] == INPUTS
+    for row, g in zip(rows, greedy):
+        assert row["entities"] == g["entities"]  # untouched head: the shared controls (greedy, 8 tokens)
+        assert g["reading"].startswith(row["reading"]) and len(row["reading"]) < len(g["reading"])  # 2 tokens
+    assert [r["pos"] for r in rows] != [g["pos"] for g in greedy]  # sampled at temperature 1.5
 
 
 def test_generate_controls_and_seed(cli):
-    (greedy,) = jsonl(ok(cli["done"]["gen-one"]))
-    (a,) = jsonl(ok(cli["done"]["gen-sampled"]))
-    (b,) = jsonl(ok(cli["done"]["gen-sampled-again"]))
+    greedy = jsonl(ok(cli["done"]["gen-file-json"]))
+    a = jsonl(ok(cli["done"]["gen-sampled"]))
+    b = jsonl(ok(cli["done"]["gen-sampled-again"]))
     assert a == b  # --seed: the same sample
-    assert a != greedy  # --controls do_sample=true took effect
+    assert a != greedy and [r["input"] for r in a] == INPUTS  # --controls do_sample=true took effect
 
 
 def test_generate_stream(cli):
     out = ok(cli["done"]["gen-stream"])
-    (greedy,) = jsonl(ok(cli["done"]["gen-one"]))
+    greedy = jsonl(ok(cli["done"]["gen-file-json"]))
     got = {}
-    parts = re.split(r"\n?\[(\w+) #(\d+)\] ", out)
+    parts = re.split(r"\n?\[(\w+) #(\d+)\] ", out)  # "[head #row] text", a new segment when the stream changes
     assert parts[0] == ""
     for head, row, text in zip(parts[1::3], parts[2::3], parts[3::3]):
-        assert row == "0"
-        got[head] = got.get(head, "") + text
-    assert set(got) == set(HEADS)
-    for h in HEADS:
-        assert got[h].strip() == greedy[h].strip()
+        got[head, int(row)] = got.get((head, int(row)), "") + text
+    assert set(got) == {(h, i) for h in HEADS for i in range(len(INPUTS))}
+    for (h, i), text in got.items():
+        assert text.strip() == greedy[i][h].strip()
 
 
 # ---- eval / export ----------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ BAD = {
     "unknown-control": ("generate --model {model} --controls temprature=1 hello", r"unknown sampling key 'temprature'"),
     "config-file-key": ("train --config {root}/typo.toml",
                         r"\S*typo\.toml: unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
-    "missing-data": ("eval --model {model} {root}/nope.jsonl", r"nope\.jsonl"),
+    "missing-data": ("eval --model {model} {root}/nope.jsonl", r"data file not found: \S*/nope\.jsonl"),
     "export-unknown-head": ("export-hf --model {model} --head zz --out {root}/x", r"unknown head\(s\) \['zz'\]"),
     "convert-missing": ("convert {root}/nope.bin", r"\S*/nope\.bin: no such \.bin file"),
 }
@@ -437,3 +437,12 @@ def test_bad_input_is_one_line(cli, case, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert re.match(rf"gpt2mh {argv[0]}: error: {pattern}", lines[0]), lines[0]
+
+
+def test_export_hf_from_a_training_output_folder(cli, capsys):
+    # `--model runs/x` (a training output folder) means its newest checkpoint, as for generate and eval
+    from gpt2mh.cli import main
+
+    assert main(["export-hf", "--model", str(cli["root"] / "run-toml"), "--head", "pos",
+                 "--out", str(cli["root"] / "exported-pos")]) == 0, capsys.readouterr().err
+    assert (cli["root"] / "exported-pos" / "model.safetensors").is_file()

@@ -1,0 +1,98 @@
+"""The quickstart end to end (issue 5), as a user runs it: `gpt2mh quickstart` in a fresh process, offline,
+with a reduced step count; and `--base` fine-tuning a checkpoint found in the HF cache.
+
+The main run is shared with tests/test_readme.py (which needs the README's `gpt2mh quickstart` to have
+produced runs/quickstart before the README's other commands run): `quickstart_run` runs it once per
+session."""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_cli import HEADS, ok, offline_env, rinna_cache, run_cli
+
+STEPS = 3  # the real default is 600 steps; 3 keep the run (dataset, training, 50-sentence evaluation) short
+SHOW = 2
+OUTPUT = "runs/quickstart"  # the default --output-dir, passed explicitly (relative to the run's folder)
+
+
+@functools.cache
+def quickstart_run(basetemp: Path):
+    """`gpt2mh quickstart --steps 3 --show 2 --output-dir runs/quickstart` in basetemp/quickstart (the
+    console script, offline) -> (that folder, CompletedProcess). Once per session."""
+    cwd = basetemp / "quickstart"
+    cwd.mkdir()
+    proc = run_cli(["quickstart", "--steps", STEPS, "--show", SHOW, "--output-dir", OUTPUT], cwd=cwd,
+                   env=offline_env(basetemp / "quickstart-caches"), script=True, timeout=600)
+    return cwd, proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def section(lines: list[str], start: str, end: str | None = None) -> list[str]:
+    i = next(k for k, line in enumerate(lines) if line.startswith(start))
+    j = next((k for k in range(i + 1, len(lines)) if end and lines[k].startswith(end)), len(lines))
+    return lines[i + 1: j]
+
+
+def check_tables(lines: list[str], n_test: int) -> None:
+    scores = section(lines, f"per-head held-out scores on all {n_test} test sentences", "each head's outputs")
+    assert scores[0].split() == ["head", "loss", "char", "acc", "exact"]
+    for h, row in zip(HEADS, scores[1:4]):
+        assert re.fullmatch(rf"  {h}\s+-?\d+\.\d{{3}}\s+\d\.\d{{3}}\s+\d\.\d{{3}}", row), row
+    cross = section(lines, "each head's outputs scored against every task's references", "checkpoint:")
+    assert cross[0].split() == list(HEADS)
+    for h, row in zip(HEADS, cross[1:4]):
+        assert re.fullmatch(rf"  {h}(\s+\d\.\d{{3}}){{3}}", row), row
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path_factory):
+    cwd, proc = quickstart_run(tmp_path_factory.getbasetemp())
+    lines = ok(proc).splitlines()
+    out = cwd / OUTPUT
+    test = read_jsonl(out / "data" / "test.jsonl")
+    assert len(read_jsonl(out / "data" / "train.jsonl")) == 450 and len(test) == 50
+    assert lines[0].startswith("dataset: ") and lines[0].endswith("heads reading, entities, pos")
+
+    # the held-out inputs, every head's output beside its reference
+    shown = [line for line in section(lines, f"held-out sentences ({SHOW} of 50)", "per-head held-out scores") if line]
+    assert len(shown) == SHOW * (1 + 2 * len(HEADS))
+    for i, ex in enumerate(test[:SHOW]):
+        block = shown[i * 7: i * 7 + 7]
+        assert block[0] == f"  input     {ex['input']}"
+        for k, h in enumerate(HEADS):
+            assert block[1 + 2 * k].startswith(f"  {h:<9} ")
+            assert block[2 + 2 * k] == f"  (ref)     {ex[h]}"
+    check_tables(lines, 50)
+
+    checkpoint = out / f"checkpoint-{STEPS}"
+    assert f"checkpoint: {OUTPUT}/checkpoint-{STEPS}" in lines
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "spiece.model").is_file()
+    assert lines[-1] == f"try: gpt2mh generate --model {OUTPUT} 今日は東京で会議がありました。"
+
+
+@pytest.mark.slow
+def test_quickstart_base_from_the_hf_cache(tmp_path, hf_checkpoint, rinna_spiece):
+    # The README's `gpt2mh quickstart --base rinna/japanese-gpt2-small`, with a tiny random checkpoint in
+    # rinna's layout (config.json, model.safetensors, spiece.model) as the cached snapshot.
+    from gpt2mh import MultiHeadGPT2
+
+    snapshot = rinna_cache(tmp_path, hf_checkpoint, rinna_spiece)
+    proc = run_cli(["quickstart", "--base", "rinna/japanese-gpt2-small", "--steps", 2, "--show", 1,
+                    "--output-dir", "runs/base"], cwd=tmp_path, env=offline_env(tmp_path), timeout=600)
+    lines = ok(proc).splitlines()
+    assert "held-out sentences (1 of 50), every head's greedy output:" in lines
+    check_tables(lines, 50)
+    tuned = MultiHeadGPT2.from_pretrained(tmp_path / "runs" / "base" / "checkpoint-2")
+    base = MultiHeadGPT2.from_pretrained(snapshot)
+    assert tuned.head_names == HEADS and tuned.config.n_embd == base.config.n_embd == 32
+    # fine-tuned from the base (2 steps at lr 5e-5), not a fresh model
+    torch.testing.assert_close(tuned.transformer.wpe.weight, base.transformer.wpe.weight, atol=1e-2, rtol=0)
