@@ -186,7 +186,7 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from .data import read_examples
-    from .train import evaluate
+    from .evaluate import evaluate
 
     model, tok = load_model_and_tokenizer(args.model, args.device)
     heads = args.heads.split(",") if args.heads else list(model.head_names)

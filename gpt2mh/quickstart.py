@@ -23,7 +23,8 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
     from .generate import generate_text
     from .model import MultiHeadGPT2
     from .tokenizer import Tokenizer
-    from .train import TrainConfig, evaluate, train
+    from .evaluate import evaluate
+    from .train import TrainConfig, train
 
     output_dir = Path(output_dir)
     data = write_dataset(output_dir / "data")

@@ -14,7 +14,8 @@ from gpt2mh.corpus import HEADS, build_examples, char_accuracy
 from gpt2mh.data import write_jsonl
 from gpt2mh.model import MultiHeadGPT2
 from gpt2mh.tokenizer import Tokenizer
-from gpt2mh.train import TrainConfig, TrainingDiverged, evaluate, generate_predictions, train
+from gpt2mh.evaluate import evaluate, generate_predictions
+from gpt2mh.train import TrainConfig, TrainingDiverged, train
 from gpt2mh.checkpoint import latest_checkpoint
 
 @pytest.fixture(autouse=True)
