@@ -170,6 +170,8 @@ def plot(d: dict, png: Path) -> Path:
             title="throughput")
     ax2.axhline(1, color="grey", lw=1)
     ax2.axhline(TARGET_X_BOUND, color="grey", lw=1, ls="--")
+    ax2.text(heads[0], 1, " bound", va="bottom", fontsize=7, color="grey")
+    ax2.text(heads[0], TARGET_X_BOUND, f" target <= {TARGET_X_BOUND:g}x", va="bottom", fontsize=7, color="grey")
     ax2.set(xlabel="heads N", ylabel="decode round / memory-bandwidth bound", yscale="log", xticks=heads,
             title=f"time vs bound ({d['bandwidth']['read_gbs']:.1f} GB/s read)")
     ax1.legend(fontsize=7)

@@ -182,6 +182,7 @@ def prefill(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> tor
     return h[src]
 
 
+@torch.no_grad()  # also holds across the generator's yields
 def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, compile: bool,
                 generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """Yields the (S,) tokens of each step; the caller decides when to look at them (sync)."""

@@ -206,7 +206,7 @@ bos_token_id = 1
 eos_token_id = 2
 pad_token_id = 3
 """, encoding="utf-8")
-    (root / "typo.toml").write_text(f'train_file = "t.jsonl"\nbase = "x"\nlerning_rate = 1e-4\n', encoding="utf-8")
+    (root / "typo.toml").write_text('train_file = "t.jsonl"\nbase = "x"\nlerning_rate = 1e-4\n', encoding="utf-8")
     envs = {"empty": offline_env(root / "empty-cache"), "cached": offline_env(root / "cached")}
     snapshot = fill_cache(root / "cached" / "hf" / "hub", rinna_files(hf_folder, rinna_spiece))
 

@@ -442,3 +442,21 @@ def test_generate_restores_training_mode(model):
         assert model.training
     finally:
         model.eval()
+
+
+def test_decode_runs_without_autograd(model, monkeypatch):
+    # With grad enabled the compiled step would become a training graph that saves a copy of the
+    # KV cache every step (memory grows per token); decoding must run under no_grad.
+    import gpt2mh.generate as g
+
+    seen = []
+    real = g.decode_one_token
+
+    def spy(*args):
+        seen.append(torch.is_grad_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(g, "decode_one_token", spy)
+    assert torch.is_grad_enabled()
+    model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, compile=False)
+    assert seen and not any(seen)
