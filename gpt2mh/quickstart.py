@@ -12,9 +12,9 @@ from .corpus import HEADS, char_accuracy, write_dataset
 from .data import read_examples
 
 # A fresh model small enough to train in a few minutes on 2 CPU cores; the vocabulary is rinna's.
-SMALL_MODEL = dict(n_embd=128, n_layer=2, n_head=4, n_positions=256, vocab_size=32000,
+SMALL_MODEL = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=32000,
                    bos_token_id=1, eos_token_id=2, pad_token_id=3)
-SMALL_STEPS = 600
+SMALL_STEPS = 300
 BASE_STEPS = 300
 
 
@@ -32,10 +32,11 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
     cfg = TrainConfig(
         train_file=str(data["train"]), validation_file=str(data["test"]), heads=list(HEADS),
         output_dir=str(output_dir), base=base, model_config=None if base else dict(SMALL_MODEL),
-        max_steps=steps or (BASE_STEPS if base else SMALL_STEPS), batch_size=16,
-        learning_rate=5e-5 if base else 3e-3, warmup_steps=30, lr_schedule="cosine",
+        max_steps=steps or (BASE_STEPS if base else SMALL_STEPS), batch_size=8,
+        learning_rate=5e-5 if base else 5e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
+        weight_decay=0.01 if base else 0.0,
         dropout=0.0 if base is None else None, eval_every=0, eval_samples=0, save_every=0, keep_last=1,
-        max_length=256, seed=0, device=device, progress=progress,
+        max_length=192, seed=0, device=device, progress=progress,
     )
     result = train(cfg)
     best = result.last_checkpoint
