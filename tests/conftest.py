@@ -148,3 +148,13 @@ def left_padded(B: int, T: int, vocab: int, pads=None, pad_id: int = 0, generato
         mask[b, :p] = 0
         ids[b, :p] = pad_id
     return ids, mask
+
+
+# Opt-in (pytestmark = pytest.mark.usefixtures("one_thread")): torch on one thread for the test. Two
+# OpenMP threads on 2 busy cores spin-wait, and tiny models train several times faster on one.
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

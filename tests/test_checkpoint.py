@@ -15,13 +15,7 @@ from gpt2mh.train import Run, train
 from test_train import HEADS, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 OpenMP threads on 2 busy cores spin-wait: tiny models train several times faster on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def interrupt_after(monkeypatch, step: int, sig=signal.SIGINT):

@@ -15,12 +15,7 @@ from gpt2mh.train import train
 from test_train import records, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun(config_path, *args, timeout=240):

@@ -71,13 +71,7 @@ sys.exit(3)
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # as the child: 1 thread (2 busy cores make OpenMP spin) and the same reductions
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_data(path: Path) -> str:

@@ -14,13 +14,7 @@ from gpt2mh.packing import PackReport, collate, pack, packed_loss
 HEADS = ("a", "b", "c")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 OpenMP threads on 2 busy cores spin-wait: these small models run several times faster on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(n_heads=3, seed=0):

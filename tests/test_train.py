@@ -18,13 +18,7 @@ from gpt2mh.evaluate import evaluate, generate_predictions
 from gpt2mh.train import TrainConfig, TrainingDiverged, train
 from gpt2mh.checkpoint import latest_checkpoint
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 OpenMP threads on 2 busy cores spin-wait: these small models train several times faster on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_MODEL = dict(n_embd=16, n_layer=1, n_head=2, n_positions=96, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
