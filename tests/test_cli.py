@@ -9,7 +9,6 @@ The helpers at the top (offline environment, a pre-filled HF cache in rinna's la
 tests/test_readme.py and tests/test_quickstart.py."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from gpt2mh.hub import DEFAULT_REPO
+from test_hub import fill_cache  # an HF cache laid out as huggingface_hub writes it
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ("reading", "entities", "pos")
@@ -70,23 +70,6 @@ def run_cli(args, *, cwd, env, stdin: str | None = None, script: bool = False, t
                           text=True, encoding="utf-8", timeout=timeout)
 
 
-def fill_cache(hub: Path, files: dict, repo_id: str = DEFAULT_REPO, commit: str = COMMIT) -> Path:
-    """An HF cache as huggingface_hub writes it (see test_hub.py): models--org--name/{blobs/<sha256>,
-    snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/main}. Returns the snapshot folder."""
-    storage = hub / f"models--{repo_id.replace('/', '--')}"
-    snap = storage / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (storage / "blobs").mkdir(exist_ok=True)
-    for name, src in files.items():
-        blob = storage / "blobs" / hashlib.sha256(Path(src).read_bytes()).hexdigest()
-        if not blob.exists():
-            shutil.copy(src, blob)
-        os.symlink(os.path.relpath(blob, snap), snap / name)
-    (storage / "refs").mkdir(exist_ok=True)
-    (storage / "refs" / "main").write_text(commit)
-    return snap
-
-
 def rinna_files(hf_folder: Path, spiece: Path) -> dict:
     """rinna/japanese-gpt2-small's layout: what transformers' save_pretrained wrote, plus spiece.model."""
     files = {p.name: p for p in Path(hf_folder).iterdir() if p.is_file()}
@@ -97,7 +80,7 @@ def rinna_files(hf_folder: Path, spiece: Path) -> dict:
 def rinna_cache(root: Path, hf_checkpoint, spiece: Path) -> Path:
     """`rinna/japanese-gpt2-small` in an offline HF cache under root/hf/hub -> its snapshot folder."""
     _, folder = hf_checkpoint(TINY_RINNA)
-    return fill_cache(root / "hf" / "hub", rinna_files(folder, spiece))
+    return fill_cache(root / "hf" / "hub", COMMIT, rinna_files(folder, spiece))
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -208,7 +191,7 @@ pad_token_id = 3
 """, encoding="utf-8")
     (root / "typo.toml").write_text('train_file = "t.jsonl"\nbase = "x"\nlerning_rate = 1e-4\n', encoding="utf-8")
     envs = {"empty": offline_env(root / "empty-cache"), "cached": offline_env(root / "cached")}
-    snapshot = fill_cache(root / "cached" / "hf" / "hub", rinna_files(hf_folder, rinna_spiece))
+    snapshot = fill_cache(root / "cached" / "hf" / "hub", COMMIT, rinna_files(hf_folder, rinna_spiece))
 
     todo = cases(root, model, hf_folder)
 
