@@ -36,9 +36,15 @@ def decode_one_token(model: MultiHeadGPT2, heads, tok, input_pos, pos_offset, sl
     mask = (slot_valid & (slots <= input_pos))[:, None, None, :]  # (S, 1, 1, L)
     h = model.hidden(tok[:, None], (pos_offset + input_pos)[:, None], mask, input_pos)  # (S, 1, C)
     logits = heads_matmul(h.view(N, S // N, -1), heads).view(S, -1).float()  # (S, V): all heads at once
-    scores = process(logits, history, input_pos[0] + 1, step, controls, plan)
+    return next_token(logits, history, input_pos + 1, step, unfinished, noise, controls, plan)
+
+
+def next_token(logits, history, cur_len, step, unfinished, noise, controls, plan):
+    """Processing, sampling and end-of-stream bookkeeping, shared by the first token (from the
+    prefill) and every decode step. cur_len (1,): tokens in history; the new one goes to that slot."""
+    scores = process(logits, history, cur_len[0], step, controls, plan)
     nxt = torch.where(unfinished, pick(scores, noise, controls), controls.pad)
-    history = history.index_copy(1, input_pos + 1, nxt[:, None])
+    history = history.index_copy(1, cur_len, nxt[:, None])
     done = (nxt[:, None] == controls.eos).any(-1) | (step + 1 >= controls.max_new)
     return nxt, unfinished & ~done, history, bad_rows(logits, scores, unfinished)
 
@@ -211,10 +217,9 @@ def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, co
     slot_valid = torch.ones(S, L, dtype=torch.bool, device=dev)
     slot_valid[:, :T] = prompt_mask.bool()
     pos_offset = prompt_mask.long().sum(-1) - T  # position id = pos_offset + cache slot
-    b = (torch.arange(S, device=dev) // st.R) % st.Bp
     r = torch.arange(S, device=dev) % st.R
     R_of = torch.tensor([c.num_return_sequences for c in st.configs], device=dev)[stream_cfg.to(dev)]
-    unfinished = (b < st.B) & (r < R_of)  # bucket-padding rows and surplus return sequences are idle
+    unfinished = (src < st.B) & (r < R_of)  # bucket-padding rows and surplus return sequences are idle
 
     def noise():
         if not plan.any_sample:
@@ -224,11 +229,8 @@ def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, co
     # First token: from the prefill's last hidden state, with the same processing as every step.
     logits = heads_matmul(h.view(N, S // N, -1), st.heads).view(S, -1).float()
     step = torch.zeros((), dtype=torch.long, device=dev)
-    scores = process(logits, history, torch.tensor(T, device=dev), step, controls, plan)
-    tok = torch.where(unfinished, pick(scores, noise(), controls), controls.pad)
-    bad = bad_rows(logits, scores, unfinished)
-    history[:, T] = tok
-    unfinished = unfinished & ~((tok[:, None] == controls.eos).any(-1) | (step + 1 >= controls.max_new))
+    tok, unfinished, history, bad = next_token(logits, history, torch.tensor([T], device=dev), step,
+                                               unfinished, noise(), controls, plan)
     yield tok
 
     fn = compiled_decode_step(dev.type) if compile else decode_one_token
