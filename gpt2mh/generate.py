@@ -1,15 +1,23 @@
 """Multi-head generation: prefill the prompts once, then one decode step per token for all streams.
 
-Streams are laid out head-major: stream s = n * (B * R) + b * R + r for head n, prompt b and
-return sequence r, so the N heads' logits are one `bmm` of (N, B*R, C) by the fused (N, C, V)."""
+Streams are laid out head-major: stream s = n * (Bp * R) + b * R + r for head n, prompt b (of Bp
+after batch bucketing) and return sequence r, so the N heads' logits are one `bmm` of
+(N, Bp*R, C) by the fused (N, C, V). `Streams.stream_ids` is the one place that layout is written.
+
+The decode step is a pure function of a `DecodeState` (plus per-call constants): it returns a new
+state and never mutates its inputs other than the KV cache. Under CUDA graphs a replay overwrites
+the previous replay's outputs, so the loop feeds each state straight into the next step and copies
+out only what it keeps (the tokens), before the next replay."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import torch
+from torch import Tensor
 
-from .model import MultiHeadGPT2
+from .model import MultiHeadGPT2, attention_mask_4d, position_ids_from_mask
 from .prompt import check_ids
 from .sampling import SamplingConfig, build_controls, check_finite, process, sample
 
@@ -26,27 +34,45 @@ def bucket_batch(b: int) -> int:
 
 
 # ---- the decode step: the one compiled function -----------------------------------------------
-def decode_one_token(model: MultiHeadGPT2, heads, tok, input_pos, pos_offset, slot_valid, history,
-                     step, unfinished, noise, controls, plan):
-    """One token for every stream. Shapes: tok, pos_offset, unfinished (S,); slot_valid, history
-    (S, L); input_pos (1,) the cache slot of `tok`; step () tokens generated before `tok`+1."""
-    S, L = history.shape
-    N = heads.size(0)
-    slots = torch.arange(L, device=tok.device)
-    mask = (slot_valid & (slots <= input_pos))[:, None, None, :]  # (S, 1, 1, L)
-    h = model.hidden(tok[:, None], (pos_offset + input_pos)[:, None], mask, input_pos)  # (S, 1, C)
-    logits = heads_matmul(h.view(N, S // N, -1), heads).view(S, -1).float()  # (S, V): all heads at once
-    return next_token(logits, history, input_pos + 1, step, unfinished, noise, controls, plan)
+class DecodeState(NamedTuple):
+    """What changes from one token to the next, all on the model's device."""
+    tok: Tensor         # (S,) long: each stream's newest token
+    input_pos: Tensor   # (1,) long: its cache slot (= its index in history)
+    step: Tensor        # () long: tokens generated so far
+    unfinished: Tensor  # (S,) bool
+    history: Tensor     # (S, L) long: prompt (left-padded) then generated ids, for the processors
+    bad: Tensor         # (S,) long: NON_FINITE | NOTHING_LEFT flags, OR-ed over the steps
 
 
-def next_token(logits, history, cur_len, step, unfinished, noise, controls, plan):
+class Fixed(NamedTuple):
+    """Per-call constants of the decode step."""
+    heads: Tensor       # (N, C, V) the selected heads
+    pos_offset: Tensor  # (S,) long: position id = pos_offset + cache slot
+    slot_valid: Tensor  # (S, L) bool: False at a prompt's left padding
+
+
+def decode_one_token(model: MultiHeadGPT2, fixed: Fixed, state: DecodeState, noise: Tensor | None,
+                     controls, plan) -> DecodeState:
+    """One token for every stream: the trunk on each stream's newest token, all heads at once."""
+    S = state.history.size(0)
+    N = fixed.heads.size(0)
+    mask = attention_mask_4d(fixed.slot_valid, state.input_pos)  # (S, 1, 1, L)
+    pos = (fixed.pos_offset + state.input_pos)[:, None]  # (S, 1)
+    h = model.hidden(state.tok[:, None], pos, mask, state.input_pos)  # (S, 1, C)
+    logits = heads_matmul(h.view(N, S // N, -1), fixed.heads).view(S, -1).float()  # (S, V)
+    return next_token(logits, state, noise, controls, plan)
+
+
+def next_token(logits: Tensor, state: DecodeState, noise, controls, plan) -> DecodeState:
     """Processing, sampling and end-of-stream bookkeeping, shared by the first token (from the
-    prefill) and every decode step. cur_len (1,): tokens in history; the new one goes to that slot."""
-    scores = process(logits, history, cur_len[0], step, controls, plan)
-    nxt = torch.where(unfinished, pick(scores, noise, controls), controls.pad)
-    history = history.index_copy(1, cur_len, nxt[:, None])
-    done = (nxt[:, None] == controls.eos).any(-1) | (step + 1 >= controls.max_new)
-    return nxt, unfinished & ~done, history, bad_rows(logits, scores, unfinished)
+    prefill) and every decode step. The new token goes to slot state.input_pos + 1."""
+    cur = state.input_pos + 1  # (1,) tokens in history before the new one
+    scores = process(logits, state.history, cur[0], state.step, controls, plan)
+    nxt = torch.where(state.unfinished, pick(scores, noise, controls), controls.pad)
+    history = state.history.index_copy(1, cur, nxt[:, None])
+    done = (nxt[:, None] == controls.eos).any(-1) | (state.step + 1 >= controls.max_new)
+    bad = state.bad | bad_rows(logits, scores, state.unfinished)
+    return DecodeState(nxt, cur, state.step + 1, state.unfinished & ~done, history, bad)
 
 
 NON_FINITE, NOTHING_LEFT = 1, 2  # bits of bad_rows
@@ -100,14 +126,35 @@ class Streams:
     L: int                         # cache length
 
     @property
+    def N(self) -> int:
+        return len(self.head_names)
+
+    @property
     def S(self) -> int:
-        return len(self.head_names) * self.Bp * self.R
+        return self.N * self.Bp * self.R
+
+    def stream_ids(self, n, b, r):
+        """The stream layout, written once: head n, prompt b, return sequence r -> stream id."""
+        return n * self.Bp * self.R + b * self.R + r
+
+    def prompt_of(self) -> torch.Tensor:
+        """(S,) the (bucketed) prompt row each stream continues."""
+        return (torch.arange(self.S) // self.R) % self.Bp
 
     def rows(self, n: int) -> torch.Tensor:
         """Stream ids of head n's real outputs, in HF's order (prompt-major, then return sequence)."""
         R_n = self.configs[n].num_return_sequences
         b, r = torch.meshgrid(torch.arange(self.B), torch.arange(R_n), indexing="ij")
-        return (n * self.Bp * self.R + b * self.R + r).flatten()
+        return self.stream_ids(n, b, r).flatten()
+
+    def head_of(self, s: int) -> str:
+        return self.head_names[s // (self.Bp * self.R)]
+
+    def live(self) -> torch.Tensor:
+        """(S,) bool: streams that produce output (not bucket padding, not a surplus return sequence)."""
+        s = torch.arange(self.S)
+        R_of = torch.tensor([c.num_return_sequences for c in self.configs])[s // (self.Bp * self.R)]
+        return (self.prompt_of() < self.B) & (s % self.R < R_of)
 
 
 def head_configs(model: MultiHeadGPT2, names: Sequence[str], controls: dict, per_head: Mapping | None,
@@ -173,88 +220,91 @@ def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, pe
     L = min(round_up(T + max_new, LEN_BUCKET), cfg.n_positions) if compile else T + max_new
     R = max(c.num_return_sequences for c in configs)
     st = Streams(names, sel, configs, B, Bp, R, T, L)
+    if Bp > B:  # bucket padding: copies of prompt 0 (their streams are idle from the start)
+        input_ids = torch.cat([input_ids, input_ids[:1].expand(Bp - B, T)])
+        attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(Bp - B, T)])
     return st, input_ids.to(model.device), attention_mask.to(model.device)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
 @torch.no_grad()
-def prefill(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> torch.Tensor:
-    """Run the B prompts once, fill the first B cache rows, fan them out to the S streams.
+def prefill(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> Tensor:
+    """Run the Bp prompts (Bp, T) once, fill the first Bp cache rows, fan them out to the S streams.
 
     Returns the last position's hidden state of every stream, (S, C)."""
-    B, T = input_ids.shape
     dev = input_ids.device
-    if st.Bp > B:  # bucket padding: copies of prompt 0 (their streams finish at once)
-        input_ids = torch.cat([input_ids, input_ids[:1].expand(st.Bp - B, T)])
-        attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(st.Bp - B, T)])
-    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    slots = torch.arange(st.L, device=dev)
-    key_ok = torch.zeros(st.Bp, st.L, dtype=torch.bool, device=dev)
-    key_ok[:, :T] = attention_mask.bool()
-    mask = key_ok[:, None, None, :] & (slots[None, :] <= torch.arange(T, device=dev)[:, None])  # (Bp,1,T,L)
-    mask |= (slots[None, :] == torch.arange(T, device=dev)[:, None])  # a pad query sees itself (no NaN)
+    T = st.T
+    key_valid = torch.zeros(st.Bp, st.L, dtype=torch.bool, device=dev)
+    key_valid[:, :T] = attention_mask.bool()
+    query = torch.arange(T, device=dev)
     model.setup_cache(st.S, st.L)
-    h = model.hidden(input_ids, pos, mask, torch.arange(T, device=dev))[:, -1]  # (Bp, C): last position only
-    src = (torch.arange(st.S, device=dev) // st.R) % st.Bp  # stream -> its prompt
+    h = model.hidden(input_ids, position_ids_from_mask(attention_mask), attention_mask_4d(key_valid, query),
+                     query)[:, -1]  # (Bp, C): last position only
+    src = st.prompt_of().to(dev)
     model.gather_cache_rows(src)
     return h[src]
 
 
-@torch.no_grad()  # also holds across the generator's yields
-def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, compile: bool,
-                generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    """Yields the (S,) tokens of each step; the caller decides when to look at them (sync)."""
+def initial_state(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> tuple[Fixed, DecodeState]:
+    """The per-call constants and the state before the first token (input_pos = the last prompt slot)."""
     dev = model.device
-    S, N, T, L = st.S, len(st.head_names), st.T, st.L
-    stream_cfg = torch.arange(N).repeat_interleave(st.Bp * st.R)
-    controls, plan = build_controls(st.configs, stream_cfg, model.config.vocab_size, dev)
-    h = prefill(model, st, input_ids, attention_mask)
-
-    src = (torch.arange(S, device=dev) // st.R) % st.Bp
-    prompt_mask = torch.cat([attention_mask, attention_mask[:1].expand(st.Bp - st.B, T)])[src]
+    S, T, L = st.S, st.T, st.L
+    src = st.prompt_of().to(dev)
+    prompt_mask = attention_mask[src]  # (S, T)
     history = torch.zeros(S, L, dtype=torch.long, device=dev)
-    history[:, :T] = torch.cat([input_ids, input_ids[:1].expand(st.Bp - st.B, T)])[src]
+    history[:, :T] = input_ids[src]
     slot_valid = torch.ones(S, L, dtype=torch.bool, device=dev)
     slot_valid[:, :T] = prompt_mask.bool()
     pos_offset = prompt_mask.long().sum(-1) - T  # position id = pos_offset + cache slot
-    r = torch.arange(S, device=dev) % st.R
-    R_of = torch.tensor([c.num_return_sequences for c in st.configs], device=dev)[stream_cfg.to(dev)]
-    unfinished = (src < st.B) & (r < R_of)  # bucket-padding rows and surplus return sequences are idle
+    fixed = Fixed(st.heads, pos_offset, slot_valid)
+    state = DecodeState(tok=torch.zeros(S, dtype=torch.long, device=dev),
+                        input_pos=torch.tensor([T - 1], device=dev), step=torch.zeros((), dtype=torch.long, device=dev),
+                        unfinished=st.live().to(dev), history=history,
+                        bad=torch.zeros(S, dtype=torch.long, device=dev))
+    return fixed, state
+
+
+@torch.no_grad()  # also holds across the generator's yields
+def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, compile: bool,
+                generator: torch.Generator | None) -> Iterator[DecodeState]:
+    """Yields the state after each new token. A consumer must read what it needs from a state
+    before asking for the next one: a CUDA graph replay overwrites the previous step's outputs."""
+    dev = model.device
+    stream_cfg = torch.arange(st.N).repeat_interleave(st.Bp * st.R)
+    controls, plan = build_controls(st.configs, stream_cfg, model.config.vocab_size, dev)
+    h = prefill(model, st, input_ids, attention_mask)
+    fixed, state = initial_state(model, st, input_ids, attention_mask)
 
     def noise():
         if not plan.any_sample:
             return None
-        return torch.empty(S, model.config.vocab_size, device=dev).exponential_(generator=generator)
+        return torch.empty(st.S, model.config.vocab_size, device=dev).exponential_(generator=generator)
 
     # First token: from the prefill's last hidden state, with the same processing as every step.
-    logits = heads_matmul(h.view(N, S // N, -1), st.heads).view(S, -1).float()
-    step = torch.zeros((), dtype=torch.long, device=dev)
-    tok, unfinished, history, bad = next_token(logits, history, torch.tensor([T], device=dev), step,
-                                               unfinished, noise(), controls, plan)
-    yield tok
+    logits = heads_matmul(h.view(st.N, st.S // st.N, -1), st.heads).view(st.S, -1).float()
+    state = next_token(logits, state, noise(), controls, plan)
+    yield state
 
     fn = compiled_decode_step(dev.type) if compile else decode_one_token
-    max_new = max(c.max_new_tokens for c in st.configs)
-    for i in range(1, max_new):
-        if i % CHECK_EVERY == 0:
-            raise_if_bad(bad, st)
-            if not bool(unfinished.any()):
-                return
-        input_pos = torch.tensor([T + i - 1], device=dev)
-        step = torch.tensor(i, device=dev)
-        tok, unfinished, history, bad_i = fn(model, st.heads, tok, input_pos, pos_offset, slot_valid, history,
-                                             step, unfinished, noise(), controls, plan)
-        bad = bad | bad_i
-        yield tok
-    raise_if_bad(bad, st)
+    for i in range(1, max(c.max_new_tokens for c in st.configs)):
+        if i % CHECK_EVERY == 0 and not check_streams(state, st):
+            return
+        state = fn(model, fixed, state, noise(), controls, plan)
+        yield state
+    check_streams(state, st)
 
 
-def raise_if_bad(bad: torch.Tensor, st: Streams) -> None:
-    if not bool(bad.any()):
-        return
+def check_streams(state: DecodeState, st: Streams) -> bool:
+    """One host sync: raise for broken streams, else whether any stream is still running."""
+    any_live, any_bad = torch.stack([state.unfinished.any(), state.bad.any()]).tolist()
+    if any_bad:
+        raise_bad(state.bad.cpu(), st)
+    return bool(any_live)
 
+
+def raise_bad(bad: Tensor, st: Streams) -> None:
     def heads(bit):
-        return sorted({st.head_names[int(s) // (st.Bp * st.R)] for s in (bad & bit).nonzero().flatten()})
+        return sorted({st.head_of(int(s)) for s in (bad & bit).nonzero().flatten()})
 
     if heads(NON_FINITE):
         raise FloatingPointError(f"non-finite logits (NaN or inf) from head(s) {heads(NON_FINITE)}: the weights or "
@@ -264,18 +314,26 @@ def raise_if_bad(bad: torch.Tensor, st: Streams) -> None:
 
 
 def make_generator(seed: int | None, generator: torch.Generator | None, device) -> torch.Generator | None:
+    device = torch.device(device)
     if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator={generator!r}: expected a torch.Generator (or pass seed=)")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}: sampling noise is "
+                             f"drawn on the model's device; pass torch.Generator(device={str(device)!r}) or seed=")
         return generator
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def generate(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             heads: Sequence[str] | None = None, *, per_head: Mapping | None = None, compile: bool | None = None,
-             seed: int | None = None, generator: torch.Generator | None = None,
-             **controls) -> dict[str, torch.Tensor]:
-    """Continue each (left-padded) prompt with every selected head; see `MultiHeadGPT2.generate`."""
+@contextlib.contextmanager
+def decoding(model: MultiHeadGPT2, input_ids, attention_mask, heads, per_head, compile, seed, generator,
+             controls) -> Iterator[tuple[Streams, Iterator[DecodeState]]]:
+    """Set-up and tear-down shared by generate and stream: eval mode, the KV cache, the generator.
+
+    A compiled call keeps its cache buffers for the next call (CUDA graphs replay on fixed
+    addresses; a new cache would re-record them); `model.clear_cache()` frees them."""
     controls = hf_aliases(controls, input_ids)
     compile = use_compile(compile, model)
     st, input_ids, attention_mask = prepare(model, input_ids, attention_mask, heads, controls, per_head, compile)
@@ -283,15 +341,30 @@ def generate(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torc
     was_training = model.training
     model.eval()
     try:
-        steps = list(decode_loop(model, st, input_ids, attention_mask, compile, gen))
+        yield st, decode_loop(model, st, input_ids, attention_mask, compile, gen)
     finally:
-        model.clear_cache()
+        if not compile:
+            model.clear_cache()
         model.train(was_training)
-    tokens = torch.stack(steps, 1)  # (S, steps)
+
+
+def generate(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             heads: Sequence[str] | None = None, *, per_head: Mapping | None = None, compile: bool | None = None,
+             seed: int | None = None, generator: torch.Generator | None = None,
+             **controls) -> dict[str, torch.Tensor]:
+    """Continue each (left-padded) prompt with every selected head; see `MultiHeadGPT2.generate`."""
+    with decoding(model, input_ids, attention_mask, heads, per_head, compile, seed, generator, controls) as (st, loop):
+        max_new = max(c.max_new_tokens for c in st.configs)
+        tokens = torch.empty(st.S, max_new, dtype=torch.long, device=model.device)
+        n = 0
+        for state in loop:
+            tokens[:, n].copy_(state.tok)  # a copy: the next replay overwrites state.tok
+            n += 1
+    tokens = tokens[:, :n]  # (S, steps)
     out = {}
-    for n, name in enumerate(st.head_names):
-        rows = tokens[st.rows(n).to(tokens.device)][:, : st.configs[n].max_new_tokens]
-        out[name] = trim_finished(rows, st.configs[n])
+    for k, name in enumerate(st.head_names):
+        rows = tokens[st.rows(k).to(tokens.device)][:, : st.configs[k].max_new_tokens]
+        out[name] = trim_finished(rows, st.configs[k])
     return out
 
 
@@ -341,38 +414,26 @@ def stream(model: MultiHeadGPT2, tokenizer, input_ids, attention_mask=None, head
     Flush rule: a row's text is re-decoded each step and everything that is stable is emitted —
     every complete character at once, Japanese included (no waiting for a space or a kanji as
     transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits."""
-    controls = hf_aliases(controls, input_ids)
-    compile = use_compile(compile, model)
-    st, input_ids, attention_mask = prepare(model, input_ids, attention_mask, heads, controls, per_head, compile)
-    gen = make_generator(seed, generator, model.device)
-    rows = {name: st.rows(n).tolist() for n, name in enumerate(st.head_names)}
-    eos = {name: set(st.configs[n].eos_token_id) for n, name in enumerate(st.head_names)}
-    done = {(name, j): False for name in rows for j in range(len(rows[name]))}
-    ids = {key: [] for key in done}
-    sent = {key: "" for key in done}
-    was_training = model.training
-    model.eval()
-    try:
-        for tok in decode_loop(model, st, input_ids, attention_mask, compile, gen):
-            tok = tok.tolist()
-            for name, stream_ids in rows.items():
-                for j, s in enumerate(stream_ids):
-                    key = (name, j)
-                    if done[key] or len(ids[key]) >= st.configs[st.head_names.index(name)].max_new_tokens:
-                        continue
-                    if tok[s] in eos[name]:
-                        done[key] = True
-                    else:
-                        ids[key].append(tok[s])
-                    text = tokenizer.decode(ids[key])
-                    stable = text.rstrip() if not done[key] else text
-                    stable = stable.rstrip("\ufffd")
-                    if stable.startswith(sent[key]) and len(stable) > len(sent[key]):
-                        yield name, j, stable[len(sent[key]):]
-                        sent[key] = stable
-    finally:
-        model.clear_cache()
-        model.train(was_training)
+    with decoding(model, input_ids, attention_mask, heads, per_head, compile, seed, generator, controls) as (st, loop):
+        rows = [(st.head_names[n], j, s, st.configs[n]) for n in range(st.N) for j, s in enumerate(st.rows(n).tolist())]
+        ids = {(name, j): [] for name, j, _, _ in rows}
+        sent = {key: "" for key in ids}
+        done = set()
+        for state in loop:
+            tok = state.tok.tolist()  # read before the next step (one sync)
+            for name, j, s, cfg in rows:
+                key = (name, j)
+                if key in done or len(ids[key]) >= cfg.max_new_tokens:
+                    continue
+                if tok[s] in cfg.eos_token_id:
+                    done.add(key)
+                else:
+                    ids[key].append(tok[s])
+                text = tokenizer.decode(ids[key])
+                stable = (text if key in done else text.rstrip()).rstrip("\ufffd")
+                if stable.startswith(sent[key]) and len(stable) > len(sent[key]):
+                    yield name, j, stable[len(sent[key]):]
+                    sent[key] = stable
 
 
 # ---- text in, text out ------------------------------------------------------------------------

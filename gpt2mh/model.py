@@ -119,15 +119,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
-def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 1/0 key mask -> (B, 1, T, T) bool: causal and not a pad key.
+def attention_mask_4d(key_valid: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """The one attention-mask builder. key_valid (B, L) bool (False at padding), query_pos (T,) the
+    cache slot of each query -> (B, 1, T, L) bool: a query sees valid keys at or before its slot.
 
-    A pad query row would see no key at all (NaN in SDPA), so it may see itself; its output is
-    never used."""
+    A pad query would see no key at all (NaN in SDPA), so every query also sees its own slot; a pad
+    query's output is never used."""
+    slots = torch.arange(key_valid.size(-1), device=key_valid.device)
+    causal = slots[None, :] <= query_pos[:, None]  # (T, L)
+    return (key_valid[:, None, None, :] & causal) | (slots[None, :] == query_pos[:, None])
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1/0 key mask -> (B, 1, T, T) bool: causal and not a pad key (no cache)."""
     T = attention_mask.size(-1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    mask = causal & attention_mask.bool()[:, None, None, :]
-    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return attention_mask_4d(attention_mask.bool(), torch.arange(T, device=attention_mask.device))
 
 
 class MultiHeadGPT2(nn.Module):
