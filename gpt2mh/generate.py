@@ -182,6 +182,20 @@ def head_configs(model: MultiHeadGPT2, names: Sequence[str], controls: dict, per
     return out
 
 
+def selected_heads(model: MultiHeadGPT2, idx: list[int]) -> Tensor:
+    """(N', C, V) heads for a subset: kept on the model until the heads change, so a CUDA graph sees
+    the same address each call (a new copy per call would be copied into the graph every step)."""
+    if idx == list(range(len(model.head_names))):
+        return model.heads
+    key = (tuple(idx), model.heads._version, model.heads.data_ptr())
+    cached = getattr(model, "_head_subset", None)
+    if cached is None or cached[0] != key:
+        sel = model.heads.detach()[idx].contiguous()
+        torch._dynamo.mark_static_address(sel)
+        model._head_subset = (key, sel)
+    return model._head_subset[1]
+
+
 def use_compile(compile: bool | None, model: MultiHeadGPT2) -> bool:
     # Default: compile on CUDA (the step becomes one CUDA graph). On CPU compiling costs 10-100 s
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
@@ -208,7 +222,7 @@ def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, pe
         raise ValueError(f"heads={heads!r}: name each head to generate once (or heads=None for all "
                          f"of {list(model.head_names)})")
     idx = model.head_index(names)
-    sel = model.heads if idx == list(range(len(model.head_names))) else model.heads[idx].contiguous()
+    sel = selected_heads(model, idx)
     pad_default = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
     configs = head_configs(model, names, controls, per_head, cfg.eos_token_id, pad_default)
     B, T = input_ids.shape
