@@ -284,16 +284,29 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, 
             valid = [f.name for f in dataclasses.fields(GPT2Config)]
             raise ValueError(f"model_config: {e}; valid fields: {', '.join(valid)}") from None
         return MultiHeadGPT2(config, names), list(names)
-    from .hub import resolve_checkpoint
     from .weights import read_meta
 
-    folder = resolve_checkpoint(cfg.base)
+    folder = base_folder(cfg.base)
     meta = read_meta(folder)
     saved = list(meta["head_names"]) if meta else []
     names = _merge(cfg.heads or saved, add)
     if not names:
         raise ValueError(f"{cfg.base} is a plain GPT-2 checkpoint: set heads=[...] (one per target)")
     return load_model(folder, names), [n for n in names if n not in saved]
+
+
+def base_folder(base: str) -> Path:
+    """`base`: a checkpoint folder, a hub id, or a training output folder (its newest checkpoint),
+    as --model accepts for generate, eval and export-hf."""
+    from .hub import resolve_checkpoint
+
+    folder = resolve_checkpoint(base)
+    if not (folder / "config.json").is_file():
+        newest = ckpt.latest_checkpoint(folder)
+        if newest is not None:
+            logger.info("base %s: a training output folder; using its newest checkpoint %s", base, newest)
+            return newest
+    return folder
 
 
 def _merge(names, more) -> list[str]:
@@ -305,9 +318,7 @@ def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if cfg.tokenizer is not None:
         return Tokenizer.from_pretrained(cfg.tokenizer)
     if cfg.base is not None:
-        from .hub import resolve_checkpoint
-
-        folder = resolve_checkpoint(cfg.base)
+        folder = base_folder(cfg.base)
         if (folder / "spiece.model").is_file():
             return Tokenizer.from_pretrained(folder)
     return Tokenizer.from_pretrained(None)  # rinna's, packaged
