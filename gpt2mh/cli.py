@@ -83,17 +83,19 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
 def check_local(src: str, flag: str) -> None:
     """`runs/quikstart` has the shape of a hub id (owner/name), but when `runs/` is a local folder it is
     a mistyped path: report the missing folder instead of asking the hub for it."""
+    from .hub import looks_like_path
+
     path = Path(src).expanduser()
-    if path.exists():
+    if path.exists() or looks_like_path(src):  # a path-shaped src: resolve_checkpoint reports it
         return
     parent = path.parent
-    if str(parent) not in ("", ".") and parent.is_dir():
+    if parent.is_dir():
         import difflib
 
         near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
         hint = f"; did you mean {parent / near[0]}?" if near else ""
-        raise FileNotFoundError(f"{flag} {src}: no such local folder ({parent}/ exists here{hint}); "
-                                f"a hub id is only looked up when no local folder {parent}/ exists")
+        raise FileNotFoundError(f"{flag} {src}: no such local folder ({parent}/ exists here, so it is read as "
+                                f"a path, not a hub id{hint})")
 
 
 def load_model_and_tokenizer(src: str | None, device: str | None, revision: str | None = None):
