@@ -457,8 +457,7 @@ def setup_logging() -> None:
     if not any(isinstance(h, _Stderr) for h in log.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
+        log.addHandler(handler)  # records still propagate (pytest's caplog listens at the root)
     log.setLevel(logging.INFO)
 
 
