@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,28 @@ class UsageError(ValueError):
 def cmd_download(args) -> None:
     from .hub import download
 
-    folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir)
+    except FileNotFoundError as e:
+        if not hub_offline():
+            raise
+        # the generic advice ("run gpt2mh download") is this very command: say what to do instead
+        raise FileNotFoundError(
+            f"could not get {args.repo!r}: HF_HUB_OFFLINE is set and it is not in the HF cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Unset HF_HUB_OFFLINE on a machine that "
+            f"reaches huggingface.co and run this again, or copy the model folder (config.json + weights) "
+            f"here and pass its path to --model/--base") from e
+    print(f"downloaded {args.repo} into {folder}", file=sys.stderr)
     print(folder)
+
+
+def hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def cmd_convert(args) -> None:
@@ -51,10 +73,29 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
             raise UsageError(f"no --model given and no quickstart result in {DEFAULT_RUN}: "
                              "run `gpt2mh quickstart` first or pass --model FOLDER_OR_HUB_ID")
         src = str(DEFAULT_RUN)
+    check_local(src, "--model")
     folder = resolve_checkpoint(src, revision=revision)
     if not (folder / "config.json").is_file() and latest_checkpoint(folder) is not None:
         folder = latest_checkpoint(folder)  # a training output folder: its newest checkpoint
     return folder
+
+
+def check_local(src: str, flag: str) -> None:
+    """`runs/quikstart` has the shape of a hub id (owner/name), but when `runs/` is a local folder it is
+    a mistyped path: report the missing folder instead of asking the hub for it."""
+    from .hub import looks_like_path
+
+    path = Path(src).expanduser()
+    if path.exists() or looks_like_path(src):  # a path-shaped src: resolve_checkpoint reports it
+        return
+    parent = path.parent
+    if parent.is_dir():
+        import difflib
+
+        near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
+        hint = f"; did you mean {parent / near[0]}?" if near else ""
+        raise FileNotFoundError(f"{flag} {src}: no such local folder ({parent}/ exists here, so it is read as "
+                                f"a path, not a hub id{hint})")
 
 
 def load_model_and_tokenizer(src: str | None, device: str | None, revision: str | None = None):
@@ -127,19 +168,15 @@ def cmd_generate(args) -> None:
     heads = args.heads.split(",") if args.heads else None
     names = [model.head_names[i] for i in model.head_index(heads)]
     controls = control_dict(SamplingConfig.from_string(args.controls)) if args.controls else {}
-    if args.max_new_tokens:
+    if args.stream and args.json:
+        raise UsageError("--stream prints text as it is produced, --json whole outputs as JSON lines: "
+                         "give one of them")
+    if args.max_new_tokens is not None:  # 0 and negatives too: refused by name, never ignored
         controls["max_new_tokens"] = args.max_new_tokens
     kwargs = dict(per_head=parse_head_controls(args.head, names), compile=args.compile, seed=args.seed, **controls)
     texts = read_inputs(args)
     if args.stream:
-        ids, mask = encode_prompts(tok, texts, model)
-        current = None
-        for head, row, piece in stream(model, tok, ids, mask, heads, **kwargs):
-            if (head, row) != current:
-                print(("\n" if current else "") + f"[{head} #{row}] ", end="")
-                current = (head, row)
-            print(piece, end="", flush=True)
-        print()
+        print_stream(stream(model, tok, *encode_prompts(tok, texts, model), heads, **kwargs), texts, names)
         return
     out = generate_text(model, tok, texts, heads, **kwargs)
     for i, text in enumerate(texts):
@@ -152,18 +189,58 @@ def cmd_generate(args) -> None:
                 print(f"  {h:>{max(map(len, names))}}: {row[h]}")
 
 
+def print_stream(pieces, texts: list[str], names: list[str]) -> None:
+    """--stream in the layout of the plain output (each input, then one line per head). The first
+    output streams live; the others are held back and follow in order, so no line is ever interleaved
+    with another: with several heads or inputs the rest appears when generation ends."""
+    width = max(map(len, names))
+    order = [(row, h) for row in range(len(texts)) for h in names]
+    got = {key: "" for key in order}
+    live = 0  # the (row, head) being printed live
+
+    def start(k: int) -> None:
+        row, h = order[k]
+        if h == names[0]:
+            print(texts[row])
+        print(f"  {h:>{width}}: ", end="")
+
+    start(0)
+    for head, row, piece in pieces:
+        got[row, head] += piece
+        if (row, head) == order[live]:
+            print(piece, end="", flush=True)
+    print(flush=True)
+    for k in range(live + 1, len(order)):
+        start(k)
+        print(got[order[k]], flush=True)
+
+
 def cmd_export(args) -> None:
     from .export import export_hf_from_checkpoint
 
     # like generate and eval, --model may be a training output folder (runs/quickstart): its newest checkpoint
-    print(export_hf_from_checkpoint(model_folder(args.model), args.head, args.out, overwrite=args.overwrite))
+    out = export_hf_from_checkpoint(model_folder(args.model), args.head, args.out, overwrite=args.overwrite)
+    print(f"""wrote {out}: head {args.head!r} as a transformers GPT2LMHeadModel. Use it as gpt2mh does:
+  model = AutoModelForCausalLM.from_pretrained("{out}")
+  tokenizer = AutoTokenizer.from_pretrained("{out}", use_fast=False)
+  tokenizer.do_lower_case = True  # rinna's tokenizer lowercases; T5Tokenizer does not read that from its files
+  (rinna's model card sets the same flag; without it, Latin capitals become <unk>)""", file=sys.stderr)
+    print(out)
 
 
 def cmd_bench(args) -> None:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"bench_{args.which}.py"
     if not script.is_file():
         raise UsageError(f"{script} not found: the benchmarks ship with the source checkout of gpt2mh")
-    sys.exit(subprocess.call([sys.executable, str(script), *args.rest]))
+    rest = list(args.rest)
+    if "-h" not in rest and "--help" not in rest and not any(a == "--out" or a.startswith("--out=") for a in rest):
+        # benchmarks/results/*.json are the project's published figures: a user's run goes elsewhere
+        out = Path("runs") / "bench" / f"{args.which}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rest += ["--out", str(out)]
+        print(f"gpt2mh bench: writing {out} (pass --out PATH to choose; benchmarks/results/ holds the "
+              f"published figures)", file=sys.stderr)
+    sys.exit(subprocess.call([sys.executable, str(script), *rest]))
 
 
 def cmd_train(args) -> None:
@@ -176,31 +253,66 @@ def cmd_train(args) -> None:
         if not sep:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = parse_value(value)
+    if cfg is None and args.resume and args.output_dir:
+        cfg = saved_config(Path(args.output_dir))  # `train --resume --output-dir RUN`: the run's own settings
+    if overrides.get("base"):
+        check_local(overrides["base"], "--base")
     cfg = TrainConfig.from_dict({**(cfg.to_dict() if cfg else {}), **overrides})
     result = train(cfg)
+    print(f"wrote {result.last_checkpoint} (step {result.steps})", file=sys.stderr)
     print(json.dumps({"best_checkpoint": result.best_checkpoint, "last_checkpoint": result.last_checkpoint,
                       "steps": result.steps, "metrics": result.metrics}, ensure_ascii=False, indent=2))
     if result.interrupted:
         raise SystemExit(130)  # stopped by SIGINT/SIGTERM: resumable, but not done
 
 
+def saved_config(output_dir: Path):
+    """The TrainConfig stored with the newest checkpoint of a training output folder."""
+    from .checkpoint import CONFIG_JSON, latest_checkpoint
+    from .train import TrainConfig
+
+    last = latest_checkpoint(output_dir)
+    if last is None or not (last / CONFIG_JSON).is_file():
+        raise FileNotFoundError(f"--resume --output-dir {output_dir}: no checkpoint with a {CONFIG_JSON} there; "
+                                f"start the run with --config FILE or --train-file ... first")
+    return TrainConfig.from_file(last / CONFIG_JSON)
+
+
 def cmd_eval(args) -> None:
-    from .data import read_examples
-    from .evaluate import evaluate
+    from .evaluate import evaluate_file
 
     model, tok = load_model_and_tokenizer(args.model, args.device)
     heads = args.heads.split(",") if args.heads else list(model.head_names)
-    examples, report = read_examples(args.data, heads, input_column=args.input_column)
-    print(report.summary(), file=sys.stderr)
-    metrics = evaluate(model, tok, examples, heads, samples=args.samples, max_new_tokens=args.max_new_tokens)
+    metrics, _, _ = evaluate_file(model, tok, model_folder(args.model), args.data, heads, samples=args.samples,
+                                  max_new_tokens=args.max_new_tokens, input_column=args.input_column,
+                                  batch_size=args.batch_size)
     print(json.dumps(metrics, ensure_ascii=False, indent=2))
 
 
 def cmd_quickstart(args) -> None:
     from .quickstart import quickstart
 
-    quickstart(output_dir=Path(args.output_dir), base=args.base, steps=args.steps, device=pick_device(args.device),
-               show=args.show)
+    if args.show < 0:
+        raise UsageError(f"--show {args.show}: the number of held-out sentences to print must be >= 0")
+    result = quickstart(output_dir=Path(args.output_dir), base=args.base, steps=args.steps,
+                        device=pick_device(args.device), show=args.show, resume=args.resume,
+                        command=quickstart_command(args))
+    if result.get("interrupted"):
+        raise SystemExit(130)  # stopped by SIGINT/SIGTERM at a checkpoint; nothing evaluated
+
+
+def quickstart_command(args) -> str:
+    """The command that continues this quickstart (printed when it is interrupted)."""
+    parts = ["gpt2mh quickstart", "--resume"]
+    if args.output_dir != str(DEFAULT_RUN):
+        parts += ["--output-dir", args.output_dir]
+    if args.base:
+        parts += ["--base", args.base]
+    if args.steps is not None:
+        parts += ["--steps", str(args.steps)]
+    if args.device:
+        parts += ["--device", args.device]
+    return " ".join(parts)
 
 
 def parse_value(text: str):
@@ -211,6 +323,19 @@ def parse_value(text: str):
 
 
 # ---- parser -------------------------------------------------------------------------------------
+DEFAULT_EVAL_TOKENS = 128  # gpt2mh.evaluate.DEFAULT_MAX_NEW_TOKENS (not imported: --help stays torch-free)
+TRAIN_EPILOG = """\
+from scratch: give model_config (GPT2Config fields; n_inner defaults to 4 * n_embd) in the config file
+  [model_config]
+  n_embd = 256
+  n_layer = 4
+  n_head = 4
+  n_positions = 256
+or on the command line: --set 'model_config={"n_embd": 256, "n_layer": 4, "n_head": 4}'
+(vocab_size and the special ids default to the tokenizer's).
+
+resume: gpt2mh train --resume --output-dir RUN   continues RUN's newest checkpoint with its settings
+"""
 TRAIN_FLAGS = ("train_file", "validation_file", "heads", "output_dir", "base", "max_steps", "batch_size",
                "learning_rate", "seed", "device", "resume")
 
@@ -218,37 +343,47 @@ TRAIN_FLAGS = ("train_file", "validation_file", "heads", "output_dir", "base", "
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt2mh", description="One GPT-2 trunk, N output heads: train, generate, export.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    common = argparse.ArgumentParser(add_help=False)  # --debug before or after the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("download", help="fetch a hub checkpoint into the standard HF cache")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    s = add("download", help="fetch a hub checkpoint into the standard HF cache")
     s.add_argument("repo", nargs="?", default=DEFAULT_REPO, help=f"hub repo id (default {DEFAULT_REPO})")
     s.add_argument("--revision", help="branch, tag or commit hash to pin")
     s.add_argument("--cache-dir", help="cache folder (default: the HF cache, HF_HOME)")
     s.set_defaults(func=cmd_download)
 
-    s = sub.add_parser("convert", help="pytorch_model.bin -> model.safetensors (read with weights_only=True)")
+    s = add("convert", help="pytorch_model.bin -> model.safetensors (read with weights_only=True)")
     s.add_argument("src", help="a .bin file or a folder holding pytorch_model.bin")
     s.add_argument("--out", help="output file (default: model.safetensors beside the .bin)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("train", help="multi-task fine-tuning (flags, or a TOML/JSON config file)")
+    s = add("train", help="multi-task fine-tuning (flags, or a TOML/JSON config file)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
     s.add_argument("--config", help="TOML or JSON file of TrainConfig fields")
     s.add_argument("--train-file", dest="train_file")
     s.add_argument("--validation-file", dest="validation_file")
     s.add_argument("--heads", type=lambda v: v.split(","), help="comma-separated head names")
     s.add_argument("--output-dir", dest="output_dir")
-    s.add_argument("--base", help="HF/gpt2mh checkpoint folder or hub id (default: train from scratch)")
+    s.add_argument("--base", help="HF/gpt2mh checkpoint folder, training output folder (its newest checkpoint) "
+                   "or hub id, e.g. rinna/japanese-gpt2-small; without --base give model_config (below) "
+                   "to train from scratch")
     s.add_argument("--max-steps", dest="max_steps", type=int)
     s.add_argument("--batch-size", dest="batch_size", type=int)
     s.add_argument("--learning-rate", dest="learning_rate", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--device")
-    s.add_argument("--resume", action="store_const", const=True, help="continue from the latest checkpoint")
+    s.add_argument("--resume", action="store_const", const=True,
+                   help="continue from the latest checkpoint in --output-dir (with its saved settings, "
+                        "unless --config is given)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other TrainConfig field")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("generate", help="every head's output for each input text")
+    s = add("generate", help="every head's output for each input text")
     s.add_argument("text", nargs="*", help="input text(s); else --file or stdin")
     s.add_argument("--model", help="checkpoint folder, training output folder or hub id (default: runs/quickstart)")
     s.add_argument("--revision")
@@ -265,40 +400,70 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("eval", help="per-head metrics of a checkpoint on a data file")
+    s = add("eval", help="per-head metrics of a checkpoint on a data file")
     s.add_argument("data", help="CSV/TSV/JSONL with an input column and one column per head")
     s.add_argument("--model")
     s.add_argument("--heads")
-    s.add_argument("--input-column", dest="input_column", default="input")
-    s.add_argument("--samples", type=int, default=50, help="examples whose generations are scored")
-    s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
+    s.add_argument("--input-column", dest="input_column", default=None,
+                   help="default: the run's input_column (train_config.json), else 'input'; target columns "
+                        "follow the run's `columns` mapping")
+    s.add_argument("--samples", type=int, default=None, help="examples whose generations are scored (default: all)")
+    s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None,
+                   help="per scored generation (default: the run's eval_max_new_tokens from train_config.json, "
+                        f"else {DEFAULT_EVAL_TOKENS})")
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     s.add_argument("--device")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("export-hf", help="one head -> a transformers GPT2LMHeadModel folder")
+    s = add("export-hf", help="one head -> a transformers GPT2LMHeadModel folder")
     s.add_argument("--model", required=True)
     s.add_argument("--head", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("bench", help="run a benchmark script (benchmarks/bench_<which>.py)")
+    s = add("bench", help="run a benchmark script (benchmarks/bench_<which>.py)")
     s.add_argument("which", choices=["generate", "finetune"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("quickstart", help="offline demo: fine-tune N heads on hironsancorpus, show every head's output")
+    s = add("quickstart", help="offline demo: fine-tune N heads on hironsancorpus, show every head's output")
     s.add_argument("--base", help="start from this checkpoint (e.g. rinna/japanese-gpt2-small) instead of a small fresh model")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: enough for a few minutes on CPU)")
     s.add_argument("--output-dir", dest="output_dir", default=str(DEFAULT_RUN))
-    s.add_argument("--show", type=int, default=5, help="held-out sentences to print")
+    s.add_argument("--show", type=int, default=5, help="held-out sentences to print (0: only the scores)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its newest checkpoint (default: start over)")
     s.add_argument("--device")
     s.set_defaults(func=cmd_quickstart)
     return p
 
 
+class _Stderr(logging.StreamHandler):
+    """Log records to whatever sys.stderr is now (pytest swaps it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging() -> None:
+    """gpt2mh's log lines (progress, "resumed from step N", warnings) on stderr, as plain lines."""
+    log = logging.getLogger("gpt2mh")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)  # records still propagate (pytest's caplog listens at the root)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ class GPT2Config:
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
-    n_inner: int = 3072
+    n_inner: int | None = None  # None: 4 * n_embd (HF's rule: GPT2MLP uses n_inner or 4 * n_embd)
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
     bos_token_id: int = 50256
@@ -47,6 +47,8 @@ class GPT2Config:
     resid_pdrop: float = 0.1
 
     def __post_init__(self):
+        if self.n_inner is None:  # the one place the MLP width is decided, as transformers decides it
+            object.__setattr__(self, "n_inner", 4 * self.n_embd)
         if self.activation_function not in _ACTIVATIONS:
             raise ValueError(
                 f"activation_function={self.activation_function!r} is not supported; "
@@ -82,7 +84,7 @@ class GPT2Config:
                 n_embd=n_embd,
                 n_layer=_int("n_layer", d["n_layer"]),
                 n_head=_int("n_head", d["n_head"]),
-                n_inner=_int("n_inner", d.get("n_inner") or 4 * n_embd),
+                n_inner=None if d.get("n_inner") is None else _int("n_inner", d["n_inner"]),
                 layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
                 activation_function=d.get("activation_function", "gelu_new"),
                 bos_token_id=_int("bos_token_id", _get(d, "bos_token_id", 50256)),

@@ -3,7 +3,11 @@ of greedy generations — used by training (every `eval_every` steps) and by `gp
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
+import time
+from pathlib import Path
 from functools import partial
 from typing import Sequence
 
@@ -14,6 +18,13 @@ from .data import Example
 from .model import MultiHeadGPT2
 from .packing import PackedExample, collate, pack_examples, packed_loss
 from .prompt import check_vocab
+
+logger = logging.getLogger(__name__)
+# Generation budget of the scored greedy outputs, when neither the call nor the run's train_config.json
+# sets one (TrainConfig.eval_max_new_tokens): training-time evaluation, `gpt2mh eval` and the quickstart
+# all resolve it through run_settings(), so they score the same outputs.
+DEFAULT_MAX_NEW_TOKENS = 128
+PROGRESS_SECONDS = 15.0  # a progress log line at most this often (visible without a terminal)
 
 
 @torch.no_grad()
@@ -33,13 +44,20 @@ def eval_loss(model: MultiHeadGPT2, packed: Sequence[PackedExample], pad_id: int
 
 @torch.no_grad()
 def generate_predictions(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads=None,
-                         max_new_tokens: int = 128, batch_size: int = 32) -> dict[str, list[str]]:
-    """Greedy output of each head for each example's input (all heads in one generate call)."""
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
+                         progress: bool = False) -> dict[str, list[str]]:
+    """Greedy output of each head for each example's input (all heads in one generate call).
+    progress: log "generated k/n examples" lines (at most every PROGRESS_SECONDS, and the last)."""
     from .generate import generate_text
 
     names = [model.head_names[i] for i in model.head_index(heads)]
     out = {h: [] for h in names}
+    last_log = time.monotonic()
     for i in range(0, len(examples), batch_size):
+        done = min(i + batch_size, len(examples))
+        if progress and (time.monotonic() - last_log >= PROGRESS_SECONDS or i == 0):
+            logger.info("evaluation: generating examples %d-%d of %d", i + 1, done, len(examples))
+            last_log = time.monotonic()
         texts = [ex.input for ex in examples[i: i + batch_size]]
         longest = max(len(tokenizer.encode(t)) for t in texts)
         room = model.config.n_positions - longest
@@ -67,14 +85,17 @@ def score_predictions(predictions: dict[str, list[str]], examples: Sequence[Exam
 
 def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads: Sequence[str] | None = None, *,
              batch_size: int = 8, max_length: int | None = None, truncation: str = "truncate",
-             samples: int | None = 32, max_new_tokens: int = 128, loss_weights: dict[str, float] | None = None,
-             bf16: bool = False, packed: Sequence[PackedExample] | None = None) -> dict[str, float]:
+             samples: int | None = 32, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             loss_weights: dict[str, float] | None = None, bf16: bool = False,
+             packed: Sequence[PackedExample] | None = None, progress: bool = False,
+             predictions: dict[str, list[str]] | None = None) -> dict[str, float]:
     """Validation metrics: per head loss, perplexity and label count on all examples; per head exact
     match and char accuracy of greedy generations on the first `samples` examples (None: all, 0: none).
+    predictions: those generations already made by generate_predictions (one row per sampled example).
 
     Keys: "loss" (Σ_k w_k · loss_k, the training objective), "<head>/loss", "<head>/perplexity",
     "<head>/tokens", "<head>/exact_match", "<head>/char_accuracy", and the means over heads
-    "exact_match", "char_accuracy"."""
+    "exact_match", "char_accuracy"; "samples", the number of examples the generation scores are over."""
     check_vocab(tokenizer, model)
     names = [model.head_names[i] for i in model.head_index(heads)]
     was_training = model.training
@@ -101,8 +122,11 @@ def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads
             metrics = {"loss": total, **metrics}
             sample = list(examples if samples is None else examples[:samples])
             if sample:
-                metrics.update(score_predictions(
-                    generate_predictions(model, tokenizer, sample, names, max_new_tokens, batch_size * 4), sample))
+                if predictions is None:
+                    predictions = generate_predictions(model, tokenizer, sample, names, max_new_tokens,
+                                                       batch_size * 4, progress)
+                metrics.update(score_predictions(predictions, sample))
+                metrics["samples"] = len(sample)
                 for key in ("exact_match", "char_accuracy"):
                     vals = [v for k, v in metrics.items() if k.endswith("/" + key)]
                     if vals:
@@ -110,3 +134,37 @@ def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads
     finally:
         model.train(was_training)
     return metrics
+
+
+def run_settings(checkpoint: str | Path) -> dict:
+    """How the run that wrote `checkpoint` reads and scores data, from its train_config.json (defaults
+    for a checkpoint without one): input_column, columns, max_length, truncation, eval_max_new_tokens."""
+    path = Path(checkpoint) / "train_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {"input_column": cfg.get("input_column") or "input", "columns": cfg.get("columns") or None,
+            "max_length": cfg.get("max_length"), "truncation": cfg.get("truncation") or "truncate",
+            "eval_max_new_tokens": cfg.get("eval_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS}
+
+
+def evaluate_file(model: MultiHeadGPT2, tokenizer, checkpoint: str | Path, data: str | Path,
+                  heads: Sequence[str] | None = None, *, samples: int | None = None,
+                  max_new_tokens: int | None = None, input_column: str | None = None, batch_size: int = 8,
+                  progress: bool = True) -> tuple[dict[str, float], list[Example], dict[str, list[str]]]:
+    """The held-out figures of a checkpoint on a data file, read and scored as its run did (columns,
+    input column, max_length, truncation and eval_max_new_tokens from its train_config.json): what
+    `gpt2mh eval` prints and the quickstart shows. Returns (metrics, examples, greedy predictions
+    of the first `samples` examples; None: all)."""
+    from .data import read_examples
+
+    run = run_settings(checkpoint)
+    names = [model.head_names[i] for i in model.head_index(heads)]
+    columns = {h: c for h, c in (run["columns"] or {}).items() if h in names} or None
+    examples, report = read_examples(data, names, input_column or run["input_column"], columns)
+    logger.info("%s", report.summary())
+    sample = list(examples if samples is None else examples[:samples])
+    limit = run["eval_max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    predictions = generate_predictions(model, tokenizer, sample, names, limit, batch_size * 4, progress) if sample else {}
+    metrics = evaluate(model, tokenizer, examples, names, batch_size=batch_size, max_length=run["max_length"],
+                       truncation=run["truncation"], samples=samples, max_new_tokens=limit,
+                       predictions=predictions or None)
+    return metrics, examples, predictions

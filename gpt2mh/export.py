@@ -136,7 +136,7 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         return
     raise FileExistsError(f"{out_dir}: not empty and not a previous gpt2mh export (holds "
                           f"{sorted(p.name for p in out_dir.iterdir())[:10]}); refusing to replace it. "
-                          f"Pick another folder or pass overwrite=True to replace the whole folder")
+                          f"Pick another folder, or replace the whole folder with --overwrite (overwrite=True in Python)")
 
 
 def replace_dir(new: Path, dst: Path) -> None:

@@ -6,10 +6,12 @@ fine-tuned on it with the real rinna tokenizer. `--base rinna/japanese-gpt2-smal
 real model instead (from the HF cache or the hub)."""
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 from .corpus import HEADS, char_accuracy, write_dataset
-from .data import read_examples
+from .train import METRICS_FILE
 
 # A fresh model small enough to train in a few minutes on 2 CPU cores; the vocabulary is rinna's.
 SMALL_MODEL = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=32000,
@@ -19,14 +21,32 @@ BASE_STEPS = 300
 
 
 def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = None, steps: int | None = None,
-               device: str = "cpu", show: int = 5, progress: bool = True) -> dict:
-    from .generate import generate_text
+               device: str = "cpu", show: int = 5, progress: bool = True, resume: bool = False,
+               command: str = "gpt2mh quickstart --resume") -> dict:
+    """Build the data, train, then score the result on the held-out file. A second run starts over
+    (the previous run's checkpoints are removed) unless resume=True, which continues the newest
+    checkpoint. Returns {"interrupted": True} when training is stopped by SIGINT/SIGTERM: the
+    half-trained model is not evaluated; `command` is how to continue it."""
+    from .checkpoint import list_checkpoints
+    from .evaluate import evaluate_file
     from .model import MultiHeadGPT2
     from .tokenizer import Tokenizer
-    from .evaluate import evaluate
     from .train import TrainConfig, train
 
     output_dir = Path(output_dir)
+    previous = list_checkpoints(output_dir)
+    if previous and not resume:
+        if not (output_dir / "data" / "train.jsonl").is_file():
+            raise FileExistsError(f"{output_dir} holds checkpoints that are not a quickstart's (no data/train.jsonl); "
+                                  f"pick another --output-dir")
+        print(f"{output_dir} holds a previous quickstart run ({previous[-1][1].name}): starting over "
+              f"(pass --resume to continue it instead)", file=sys.stderr)
+        for _, folder in previous:
+            shutil.rmtree(folder)
+        (output_dir / METRICS_FILE).unlink(missing_ok=True)
+    elif resume:
+        print(f"continuing {previous[-1][1]}" if previous else f"--resume: nothing in {output_dir} yet; starting",
+              file=sys.stderr)
     data = write_dataset(output_dir / "data")
     print(f"dataset: {data['train']} and {data['test']} (hironsancorpus, MIT) -> heads {', '.join(HEADS)}")
     cfg = TrainConfig(
@@ -36,33 +56,40 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         learning_rate=5e-5 if base else 5e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
         weight_decay=0.01 if base else 0.0,
         dropout=0.0 if base is None else None, eval_every=0, eval_samples=0, save_every=0, keep_last=1,
-        max_length=192, seed=0, device=device, progress=progress,
+        max_length=192, seed=0, device=device, progress=progress, resume=bool(resume and previous),
     )
     result = train(cfg)
+    if result.interrupted:
+        print(f"stopped at step {result.steps} of {cfg.max_steps}; checkpoint {result.last_checkpoint}; "
+              f"not evaluated. Continue with: {command}", file=sys.stderr)
+        return {"interrupted": True, "checkpoint": result.last_checkpoint}
     best = result.last_checkpoint
+    print(f"wrote {best}", file=sys.stderr)
     model = MultiHeadGPT2.from_pretrained(best, device=device)
     tok = Tokenizer.from_pretrained(best)
 
-    test, _ = read_examples(data["test"], list(HEADS))
-    metrics = evaluate(model, tok, test, list(HEADS), samples=None, max_new_tokens=160)
-    shown = test[:show]
-    outputs = generate_text(model, tok, [e.input for e in shown], compile=False, max_new_tokens=160)
-    print(f"\nheld-out sentences ({len(shown)} of {len(test)}), every head's greedy output:")
-    for i, ex in enumerate(shown):
+    # the same function, defaults and settings as `gpt2mh eval --model {output_dir} {test file}`
+    metrics, test, outputs = evaluate_file(model, tok, best, data["test"], list(HEADS), progress=progress)
+    n = len(test)
+    if show:
+        print(f"\nheld-out sentences ({min(show, n)} of {n}), every head's greedy output:")
+    for i, ex in enumerate(test[:show]):
         print(f"\n  input     {ex.input}")
         for h in HEADS:
             print(f"  {h:<9} {outputs[h][i]}")
             print(f"  {'(ref)':<9} {ex.targets[h]}")
-    print(f"\nper-head held-out scores on all {len(test)} test sentences (greedy generation):")
+    print(f"\nper-head held-out scores on all {n} test sentences (greedy generation):")
     print(f"  {'head':<9} {'loss':>7} {'char acc':>9} {'exact':>7}")
     for h in HEADS:
         print(f"  {h:<9} {metrics[f'{h}/loss']:7.3f} {metrics[f'{h}/char_accuracy']:9.3f} {metrics[f'{h}/exact_match']:7.3f}")
-    cross = cross_task_scores(outputs, shown)
-    print("\neach head's outputs scored against every task's references (char accuracy; rows: head, cols: task):")
+    cross = cross_task_scores(outputs, test)
+    print(f"\neach head's outputs scored against every task's references on all {n} test sentences "
+          f"(char accuracy; rows: head, cols: task):")
     print("  " + " " * 9 + "".join(f"{t:>10}" for t in HEADS))
     for h in HEADS:
         print(f"  {h:<9}" + "".join(f"{cross[h][t]:10.3f}" for t in HEADS))
-    print(f"\ncheckpoint: {best}\ntry: gpt2mh generate --model {output_dir} 今日は東京で会議がありました。")
+    print(f"\ncheckpoint: {best}\nthe same scores: gpt2mh eval --model {output_dir} {data['test']}"
+          f"\ntry: gpt2mh generate --model {output_dir} 今日は東京で会議がありました。")
     return {"metrics": metrics, "cross": cross, "checkpoint": best}
 
 

@@ -44,7 +44,7 @@ from .model import Attention, MultiHeadGPT2
 from .packing import TRUNCATION, PackedLM, collate, pack_examples
 from .prompt import check_vocab
 from .tokenizer import Tokenizer
-from .evaluate import evaluate
+from .evaluate import DEFAULT_MAX_NEW_TOKENS, PROGRESS_SECONDS, evaluate
 from .weights import atomic_write_text, load_model
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 200                      # steps; 0: only at the end
     eval_samples: int = 32                     # validation rows generated greedily for EM / char acc
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # also what `gpt2mh eval` uses on this run's checkpoints
     eval_batch_size: int | None = None         # None: batch_size
     save_every: int = 500                      # steps; 0: only at the end (and at a new best)
     keep_last: int | None = 3                  # newest checkpoints kept (the best is always kept)
@@ -98,7 +98,7 @@ class TrainConfig:
     greater_is_better: bool | None = None      # None: False for losses and perplexities
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     log_every: int = 10
-    progress: bool = True                      # tqdm bar (only on a terminal, only on rank 0)
+    progress: bool = True                      # tqdm bar on a terminal, else a log line every ~15 s (rank 0)
     resume: bool | str = False                 # True: the latest checkpoint in output_dir; or a folder
     device: str | None = None                  # None: cuda if available, else cpu
 
@@ -284,16 +284,29 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, 
             valid = [f.name for f in dataclasses.fields(GPT2Config)]
             raise ValueError(f"model_config: {e}; valid fields: {', '.join(valid)}") from None
         return MultiHeadGPT2(config, names), list(names)
-    from .hub import resolve_checkpoint
     from .weights import read_meta
 
-    folder = resolve_checkpoint(cfg.base)
+    folder = base_folder(cfg.base)
     meta = read_meta(folder)
     saved = list(meta["head_names"]) if meta else []
     names = _merge(cfg.heads or saved, add)
     if not names:
         raise ValueError(f"{cfg.base} is a plain GPT-2 checkpoint: set heads=[...] (one per target)")
     return load_model(folder, names), [n for n in names if n not in saved]
+
+
+def base_folder(base: str) -> Path:
+    """`base`: a checkpoint folder, a hub id, or a training output folder (its newest checkpoint),
+    as --model accepts for generate, eval and export-hf."""
+    from .hub import resolve_checkpoint
+
+    folder = resolve_checkpoint(base)
+    if not (folder / "config.json").is_file():
+        newest = ckpt.latest_checkpoint(folder)
+        if newest is not None:
+            logger.info("base %s: a training output folder; using its newest checkpoint %s", base, newest)
+            return newest
+    return folder
 
 
 def _merge(names, more) -> list[str]:
@@ -305,9 +318,7 @@ def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if cfg.tokenizer is not None:
         return Tokenizer.from_pretrained(cfg.tokenizer)
     if cfg.base is not None:
-        from .hub import resolve_checkpoint
-
-        folder = resolve_checkpoint(cfg.base)
+        folder = base_folder(cfg.base)
         if (folder / "spiece.model").is_file():
             return Tokenizer.from_pretrained(folder)
     return Tokenizer.from_pretrained(None)  # rinna's, packaged
@@ -439,7 +450,6 @@ class Run:
         if self.resume_from is not None:
             self.tokenizer = Tokenizer.from_pretrained(self.resume_from)
             self.model, new_heads = load_model(self.resume_from), []
-            logger.info("resuming from %s", self.resume_from)
         else:
             self.tokenizer = build_tokenizer(cfg)
             self.model, new_heads = build_model(cfg, self.tokenizer)
@@ -532,6 +542,7 @@ class Run:
         self.best, self.best_step = state.get("best_metric"), state.get("best_step")
         self.bad_evals = state.get("evals_without_improvement", 0)
         self.last_checkpoint = self.resume_from
+        logger.info("resumed from step %d (%s)", self.step, self.resume_from)
         for key in ("batch_size", "seed", "dataset_size"):
             now = len(self.train) if key == "dataset_size" else getattr(self.cfg, key)
             if state.get(key) != now:
@@ -604,7 +615,7 @@ class Run:
         return evaluate(self.model, self.tokenizer, self.val_examples, self.train_heads,
                         batch_size=cfg.eval_batch_size or cfg.batch_size, samples=cfg.eval_samples,
                         max_new_tokens=cfg.eval_max_new_tokens, loss_weights=cfg.loss_weights, bf16=self.bf16,
-                        packed=self.val)
+                        packed=self.val, progress=cfg.progress and self.d.main)
 
     def improved(self, metrics: dict) -> bool:
         key = self.cfg.metric_for_best
@@ -684,8 +695,10 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignal) -> TrainResult:
                 run.head_names, len(run.train), len(run.val), run.max_steps, cfg.batch_size, run.train_heads)
     bar = tqdm(total=run.max_steps, initial=run.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and d.main and sys.stderr.isatty()))
+    log_lines = cfg.progress and d.main and bar.disable  # no terminal (a log file, CI): periodic lines instead
     losses, metrics, window, stopped_early = [], {}, [], False
-    t0 = time.perf_counter()
+    t0 = started = last_line = time.perf_counter()
+    first = run.step
     while run.step < run.max_steps:
         head_loss, norm = run.train_step()
         loss = float((run.weights * head_loss).sum())
@@ -693,6 +706,12 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignal) -> TrainResult:
         window.append((loss, head_loss))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
+        now = time.perf_counter()
+        if log_lines and (now - last_line >= PROGRESS_SECONDS or run.step in (first + 1, run.max_steps)):
+            rate = (run.step - first) / max(now - started, 1e-9)
+            logger.info("step %d/%d loss %.4f (%.2f steps/s, about %.0f s left)", run.step, run.max_steps,
+                        loss, rate, (run.max_steps - run.step) / rate)
+            last_line = now
         if run.step % cfg.log_every == 0 or run.step == run.max_steps:
             run.log(_train_record(run, window, norm, time.perf_counter() - t0))
             window, t0 = [], time.perf_counter()

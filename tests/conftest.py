@@ -15,6 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests (hypothesis): derandomized by default, so every run — CI, a fresh clone, yours — draws
+# the same examples and a failure reproduces. To search new examples run them randomized:
+#   python -m pytest tests/test_properties.py --hypothesis-profile=random   (add --hypothesis-seed=N to replay)
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("random", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Exact shape of rinna/japanese-gpt2-small (its config.json), to check parity at full size.
 RINNA_SMALL = dict(vocab_size=32000, n_positions=1024, n_embd=768, n_layer=12, n_head=12,

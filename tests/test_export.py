@@ -224,3 +224,29 @@ def test_overwrite_rules(model, tmp_path, hf_checkpoint):
     with pytest.raises(NotADirectoryError):
         export_hf(model, "b", a_file, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out"]  # no temp folders left
+
+
+CAPITALS = ["BBCのＮＨＫ記者が2024年に来日した。", "ＧＰＴ-2とOpenAI、全角１２３と半角456、ＡＢＣｄｅｆ。", "Tokyo Tower"]
+
+
+def test_what_export_hf_prints_gives_gpt2mhs_greedy_output_in_transformers(model, exported, hf_models):
+    # The lines `gpt2mh export-hf` prints (gpt2mh/cli.py cmd_export), followed in transformers: ids and
+    # greedy continuations equal gpt2mh's on Latin capitals, full-width letters and digits.
+    from gpt2mh.prompt import encode_prompts
+
+    ours_tok = Tokenizer.from_pretrained(RINNA_FIXTURE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(exported["b"], use_fast=False)
+    plain = [tokenizer.encode(t) for t in CAPITALS]
+    tokenizer.do_lower_case = True  # the printed one-liner
+    for text, before in zip(CAPITALS, plain):
+        ids = tokenizer.encode(text)
+        assert ids == ours_tok.encode(text), text
+        assert before != ids and 0 in before  # without it: capitals -> <unk>; the line is needed
+        with torch.no_grad():
+            hf_out = hf_models["b"].generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
+                                             pad_token_id=CONFIG.pad_token_id)
+        input_ids, mask = encode_prompts(ours_tok, [text], model)
+        ours = model.generate(input_ids, mask, heads=["b"], max_new_tokens=8, compile=False)["b"]
+        assert torch.equal(hf_out[:, len(ids):], ours), text

@@ -247,3 +247,21 @@ def test_prompt_longer_than_context_refused():
     model = MultiHeadGPT2(config(**TINY))
     with pytest.raises(ValueError, match="n_positions"):
         model(torch.zeros(1, TINY["n_positions"] + 1, dtype=torch.long))
+
+
+def test_n_inner_absent_is_four_n_embd_like_transformers():
+    # HF's GPT2MLP: n_inner if set, else 4 * n_embd — for GPT2Config(...), config.json and model_config alike
+    from gpt2mh.train import TrainConfig, build_model
+    from gpt2mh.tokenizer import Tokenizer
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=50))
+    hf_width = hf.transformer.h[0].mlp.c_fc.weight.shape[1]
+    assert hf_width == 256
+    assert GPT2Config(n_embd=64, n_head=4).n_inner == hf_width
+    assert GPT2Config.from_hf_dict(hf.config.to_dict()).n_inner == hf_width
+    assert GPT2Config(n_embd=64, n_head=4, n_inner=100).n_inner == 100
+    cfg = TrainConfig(train_file="unused.jsonl", heads=["a"], model_config=dict(n_embd=64, n_layer=1, n_head=4))
+    model, _ = build_model(cfg, Tokenizer.from_pretrained())
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (64, 256)  # Conv1D layout [in, out]
+    with pytest.raises(ValueError, match="n_inner=0"):
+        GPT2Config(n_embd=64, n_head=4, n_inner=0)

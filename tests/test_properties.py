@@ -47,7 +47,7 @@ SCRIPTS = st.one_of(
     st.characters(min_codepoint=0xFF01, max_codepoint=0xFF9F),  # full- and half-width forms
     st.sampled_from(" \t\n\r\u3000\u00a0"),
 )
-ANY = st.characters()  # every code point but the surrogates
+ANY = st.characters(exclude_categories=("Cs",))  # every code point but the surrogates (hypothesis >= 6.1xx draws them by default)
 TEXT = st.one_of(st.text(SCRIPTS, max_size=40), st.text(ANY, max_size=40), st.text(st.one_of(SCRIPTS, ANY), max_size=40))
 SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
 ANY_TEXT = st.one_of(TEXT, st.text(st.one_of(SCRIPTS, ANY, SURROGATE), max_size=40))
@@ -75,7 +75,10 @@ def test_round_trip_is_normalisation_and_idempotent(tok, text):
     twice = tok.decode(tok.encode(once))
     # an unknown character vanishes and can leave two spaces side by side; the text is stable otherwise
     assert " ".join(twice.split()) == " ".join(once.split())
-    plain = tok.unk_id not in ids and "▁" not in text and not set(ids[:-1]) & set(tok.special_tokens.values())
+    # a special token spelled in the text (any case: the tokenizer lowercases) is a token, not characters;
+    # "</S>" alone encodes to [</s>], so looking for special ids before the final </s> does not catch it
+    spelled = any(s.lower() in text.lower() for s in tok.special_tokens)
+    plain = tok.unk_id not in ids and "▁" not in text and not spelled
     if plain:  # every character known, no special token spelled out: exact
         assert once == normalised(text) and twice == once
 

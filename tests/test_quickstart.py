@@ -96,3 +96,58 @@ def test_quickstart_base_from_the_hf_cache(tmp_path, hf_checkpoint, rinna_spiece
     assert tuned.head_names == HEADS and tuned.config.n_embd == base.config.n_embd == 32
     # fine-tuned from the base (2 steps at lr 5e-5), not a fresh model
     torch.testing.assert_close(tuned.transformer.wpe.weight, base.transformer.wpe.weight, atol=1e-2, rtol=0)
+
+
+@pytest.mark.slow
+def test_quickstart_ctrl_c_resume_and_rerun(tmp_path):
+    # Ctrl-C: exit 130, a checkpoint, no evaluation of the half-trained model, and the command that
+    # continues it; that command, as printed, finishes the run; a plain second run starts over.
+    import shlex
+    import signal
+    import subprocess
+
+    from test_cli import console_script
+
+    env = offline_env(tmp_path)
+    args = ["quickstart", "--steps", "12", "--show", "0", "--output-dir", "runs/int"]
+    proc = subprocess.Popen([console_script(), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    err = []
+    for line in proc.stderr:  # progress lines arrive without a terminal
+        err.append(line)
+        if line.startswith("step 1/12 "):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, rest = proc.communicate(timeout=600)
+    stderr = "".join(err) + rest
+    assert proc.returncode == 130, stderr
+    assert "per-head held-out scores" not in out and "evaluation:" not in stderr
+    hint = re.search(r"Continue with: (gpt2mh quickstart .*)$", stderr, re.M)
+    assert hint and hint.group(1) == "gpt2mh quickstart --resume --output-dir runs/int --steps 12", stderr
+    step = int(re.search(r"stopped at step (\d+) of 12", stderr).group(1))
+    assert 1 <= step < 12 and (tmp_path / "runs" / "int" / f"checkpoint-{step}").is_dir()
+
+    again = run_cli(shlex.split(hint.group(1))[1:], cwd=tmp_path, env=env, script=True, timeout=600)
+    lines = ok(again).splitlines()
+    assert f"resumed from step {step} " in again.stderr and "continuing runs/int/checkpoint-" in again.stderr
+    assert re.search(r"^evaluation: generating examples 1-\d+ of 50$", again.stderr, re.M)  # progress while scoring
+    assert not any(line.startswith("held-out sentences") for line in lines)  # --show 0
+    check_tables(lines, 50)
+    assert "the same scores: gpt2mh eval --model runs/int runs/int/data/test.jsonl" in lines
+
+    fresh = run_cli(args, cwd=tmp_path, env=env, script=True, timeout=600)
+    ok(fresh)
+    assert "runs/int holds a previous quickstart run (checkpoint-12): starting over" in fresh.stderr
+    assert "resumed from step" not in fresh.stderr
+    assert [p.name for p in (tmp_path / "runs" / "int").glob("checkpoint-*")] == ["checkpoint-12"]
+
+    # one set of held-out numbers: the printed `gpt2mh eval` command gives the table's figures
+    cmd = next(line for line in fresh.stdout.splitlines() if line.startswith("the same scores: "))
+    ev = run_cli(shlex.split(cmd.removeprefix("the same scores: "))[1:], cwd=tmp_path, env=env, timeout=600)
+    metrics = json.loads(ok(ev))
+    assert metrics["samples"] == 50
+    rows = section(fresh.stdout.splitlines(), "per-head held-out scores on all 50", "each head's outputs")[1:4]
+    for h, row in zip(HEADS, rows):
+        _, loss, acc, exact = row.split()
+        assert (f"{metrics[f'{h}/loss']:.3f}", f"{metrics[f'{h}/char_accuracy']:.3f}",
+                f"{metrics[f'{h}/exact_match']:.3f}") == (loss, acc, exact)
