@@ -283,6 +283,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, 
         except TypeError as e:
             valid = [f.name for f in dataclasses.fields(GPT2Config)]
             raise ValueError(f"model_config: {e}; valid fields: {', '.join(valid)}") from None
+        except ValueError as e:
+            raise ValueError(f"model_config: {e}") from None
         return MultiHeadGPT2(config, names), list(names)
     from .hub import resolve_checkpoint
     from .weights import read_meta
@@ -294,6 +296,15 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, 
     if not names:
         raise ValueError(f"{cfg.base} is a plain GPT-2 checkpoint: set heads=[...] (one per target)")
     return load_model(folder, names), [n for n in names if n not in saved]
+
+
+def check_resume_heads(cfg: TrainConfig, folder: Path, saved: list[str]) -> None:
+    """A resumed run trains the checkpoint's heads: other heads= / add_heads= are refused, not ignored."""
+    want = _merge(cfg.heads or saved, cfg.add_heads or [])
+    if set(want) != set(saved):
+        raise ValueError(f"resume: {folder} was trained with heads {saved}, but this run asks for {want}; "
+                         f"resume with the same heads, or start a new run (another output_dir) with "
+                         f"base={str(folder)!r} and the heads you want")
 
 
 def _merge(names, more) -> list[str]:
@@ -439,6 +450,7 @@ class Run:
         if self.resume_from is not None:
             self.tokenizer = Tokenizer.from_pretrained(self.resume_from)
             self.model, new_heads = load_model(self.resume_from), []
+            check_resume_heads(cfg, self.resume_from, list(self.model.head_names))
             logger.info("resuming from %s", self.resume_from)
         else:
             self.tokenizer = build_tokenizer(cfg)
