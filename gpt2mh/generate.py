@@ -12,6 +12,7 @@ import torch
 
 from .model import MultiHeadGPT2
 from .inputs import prompt_batch, prompt_width
+from .prompt import check_vocab
 from .sampling import SamplingConfig, build_controls, check_finite, process, sample
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
@@ -355,6 +356,7 @@ def stream(model: MultiHeadGPT2, tokenizer, input_ids, attention_mask=None, head
     Flush rule: a row's text is re-decoded each step and everything that is stable is emitted —
     every complete character at once, Japanese included (no waiting for a space or a kanji as
     transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits."""
+    check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
     controls = hf_aliases(controls, input_ids)
     compile = use_compile(compile, model)
     st, input_ids, attention_mask = prepare(model, input_ids, attention_mask, heads, controls, per_head, compile)
