@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .weights import SAFETENSORS, atomic_write_text, fsync_path, save_model
+from .atomic import atomic_torch_save, atomic_write_text, fsync_path, replace_dir
+from .weights import SAFETENSORS, save_model
 
 PREFIX = "checkpoint-"
 STATE_PT = "training_state.pt"
@@ -100,7 +101,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
             "torch_rng": [r["torch"] for r in rng],
             "cuda_rng": [r["cuda"] for r in rng],
         }
-        torch.save(tensors, tmp / STATE_PT)
+        atomic_torch_save(tensors, tmp / STATE_PT)
         state = dict(trainer_state, python_rng=[r["python"] for r in rng], numpy_rng=[r["numpy"] for r in rng])
         atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=1) + "\n")
         atomic_write_text(tmp / CONFIG_JSON, json.dumps(train_config, indent=2, ensure_ascii=False) + "\n")
@@ -113,17 +114,6 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    # os.rename cannot replace a non-empty folder: move the old one aside first, drop it after.
-    if dst.exists():
-        old = dst.with_name(f".{PREFIX}old.{secrets.token_hex(4)}.tmp")
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
 
 
 def prune_checkpoints(output_dir, keep_last: int | None, protect: set[int] = frozenset()) -> list[Path]:
@@ -151,8 +141,24 @@ def load_training_state(folder) -> tuple[dict, dict]:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: not a training checkpoint (no {name}); "
                                     f"to start from these weights use base={str(folder)!r} instead of resume")
-    state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    tensors = torch.load(folder / STATE_PT, map_location="cpu", weights_only=True)
+    path = folder / STATE_JSON
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt trainer state ({e}); resume from an earlier checkpoint "
+                         f"(resume='{folder.parent / (PREFIX + '<step>')}') or delete this one") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path}: not a trainer state (needs an integer 'step'); resume from another checkpoint")
+    path = folder / STATE_PT
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn zip, or a pickle weights_only refuses
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: cannot be read (truncated or corrupt? {reason}); resume from an earlier "
+                         f"checkpoint (resume='{folder.parent / (PREFIX + '<step>')}') or delete this one") from None
+    missing = [k for k in ("optimizer", "scheduler", "torch_rng", "cuda_rng") if not isinstance(tensors, dict) or k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: not a gpt2mh training state (missing {missing})")
     return state, tensors
 
 

@@ -57,9 +57,7 @@ def cmd_convert(args) -> None:
     out = Path(args.out) if args.out else src.with_name("model.safetensors")
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    if out.exists():
-        out.unlink()
-    print(convert_bin(src, out))
+    print(convert_bin(src, out, overwrite=True))  # atomic: the old file stays until the new one is complete
 
 
 def model_folder(src: str | None, revision: str | None = None) -> Path:

@@ -29,6 +29,19 @@ def _int(key: str, value) -> int:
         raise ValueError(f"{key}={value!r} must be an integer") from None
 
 
+def _float(key: str, value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} must be a number") from None
+
+
+_INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "bos_token_id", "eos_token_id")
+_FLOAT_FIELDS = ("layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop")
+
+
 @dataclass(frozen=True)
 class GPT2Config:
     vocab_size: int = 50257
@@ -49,6 +62,15 @@ class GPT2Config:
     def __post_init__(self):
         if self.n_inner is None:  # the one place the MLP width is decided, as transformers decides it
             object.__setattr__(self, "n_inner", 4 * self.n_embd)
+        # GPT2Config(**dict) from JSON/TOML: 1.0 for an int is fine, 1.5 / True / "x" / None are not.
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _int(name, getattr(self, name)))
+        if self.pad_token_id is not None:
+            object.__setattr__(self, "pad_token_id", _int("pad_token_id", self.pad_token_id))
+        for name in _FLOAT_FIELDS:
+            object.__setattr__(self, name, _float(name, getattr(self, name)))
+        if not isinstance(self.activation_function, str):
+            raise ValueError(f"activation_function={self.activation_function!r} must be a string")
         if self.activation_function not in _ACTIVATIONS:
             raise ValueError(
                 f"activation_function={self.activation_function!r} is not supported; "
@@ -85,14 +107,14 @@ class GPT2Config:
                 n_layer=_int("n_layer", d["n_layer"]),
                 n_head=_int("n_head", d["n_head"]),
                 n_inner=None if d.get("n_inner") is None else _int("n_inner", d["n_inner"]),
-                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
-                activation_function=d.get("activation_function", "gelu_new"),
+                layer_norm_epsilon=_float("layer_norm_epsilon", _get(d, "layer_norm_epsilon", 1e-5)),
+                activation_function=_get(d, "activation_function", "gelu_new"),
                 bos_token_id=_int("bos_token_id", _get(d, "bos_token_id", 50256)),
                 eos_token_id=_int("eos_token_id", _get(d, "eos_token_id", 50256)),
                 pad_token_id=None if d.get("pad_token_id") is None else _int("pad_token_id", d["pad_token_id"]),
-                embd_pdrop=float(d.get("embd_pdrop", 0.1)),
-                attn_pdrop=float(d.get("attn_pdrop", 0.1)),
-                resid_pdrop=float(d.get("resid_pdrop", 0.1)),
+                embd_pdrop=_float("embd_pdrop", _get(d, "embd_pdrop", 0.1)),
+                attn_pdrop=_float("attn_pdrop", _get(d, "attn_pdrop", 0.1)),
+                resid_pdrop=_float("resid_pdrop", _get(d, "resid_pdrop", 0.1)),
             )
         except KeyError as e:
             raise ValueError(f"{source}: required setting {e.args[0]!r} is missing") from None

@@ -7,10 +7,11 @@ import difflib
 import hashlib
 import io
 import json
-import os
-import secrets
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .atomic import atomic_write_text
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json-lines": "jsonl"}
 EMPTY_INPUT = "empty input"
@@ -101,6 +102,11 @@ def read_examples(
     report.kept = len(examples)
     if not examples:
         raise DataError(f"{path}: no usable rows ({report.summary()})")
+    blank = [h for h, n in report.targets.items() if n == 0]
+    if blank:  # that head would get no loss (or no evaluation) at all
+        raise DataError(f"{path}: the target column of head(s) {blank} "
+                        f"({', '.join(repr(head_columns[h]) for h in blank)}) is empty in every row; fill it, "
+                        f"map another column with columns={{head: 'COLUMN'}}, or leave the head out of heads")
     return examples, report
 
 
@@ -137,26 +143,14 @@ def split_examples(
 
 
 def write_jsonl(path, examples: list[Example]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for ex in examples:
         if "input" in ex.targets:
             raise ValueError(f"{ex.source}: a head named 'input' clashes with the input column")
         lines.append(json.dumps({"input": ex.input, **ex.targets}, ensure_ascii=False) + "\n")
-    # Temp file in the same folder so os.replace is an atomic rename: readers never see half a file.
-    # Not mkstemp: its 0600 mode would stick to the dataset; open("x") honours the umask.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    # Readers never see half a file; an output that is one of the examples' source files is refused.
+    sources = {ex.source.rsplit(":", 1)[0] for ex in examples if ex.source}
+    return atomic_write_text(path, "".join(lines), inputs=sorted(sources))
 
 
 def _head_columns(heads: list[str], columns: dict[str, str] | None) -> dict[str, str]:
@@ -293,11 +287,18 @@ def _check_columns(path: Path, found: list[str], input_column: str, head_columns
     return extra
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _value(path: Path, line: int, column: str, value) -> str | None:
     """A cell as text, or None when it holds nothing (missing, null, empty or whitespace)."""
-    if value is None:
+    if value is None or (isinstance(value, float) and value != value):  # null, or pandas' NaN for "missing"
         return None
     if isinstance(value, (dict, list)):
         raise DataError(f"{path}: line {line}: column {column!r} holds a JSON {type(value).__name__}, not text")
     text = value if isinstance(value, str) else str(value)
+    bad = _SURROGATE.search(text)
+    if bad:  # JSON "\ud83d" without its pair: not Unicode text, no tokenizer can take it
+        raise DataError(f"{path}: line {line}: column {column!r} holds a lone surrogate U+{ord(bad.group()):04X} "
+                        f"at character {bad.start()} (half of a UTF-16 pair); fix the text at that line")
     return text if text.strip() else None

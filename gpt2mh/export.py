@@ -4,20 +4,17 @@ The folder loads with `AutoModelForCausalLM.from_pretrained(out)` and
 `AutoTokenizer.from_pretrained(out, use_fast=False)`, and back into gpt2mh as a one-head ("lm") model.
 It is built in a temporary sibling folder and renamed into place, so a crash never leaves a mix of
 two exports or a half-written file (at worst, between moving an old export aside and renaming the new
-one in, the old one is left in a hidden `.<name>.*.old` sibling)."""
+one in, the old one is left in a hidden `.<name>.old.*.tmp` sibling; see gpt2mh/atomic.py)."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from .model import MultiHeadGPT2
-from .weights import SAFETENSORS, atomic_save_file, atomic_write_text, fsync_path
+from .atomic import atomic_dir, atomic_save_file, atomic_write_text, fsync_path
+from .weights import SAFETENSORS
 
 EXPORT_KEY = "gpt2mh_export"  # safetensors metadata of an export: the head it came from
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -29,7 +26,7 @@ SPECIAL_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", 
 
 
 def export_hf(model: MultiHeadGPT2, head: str, out_dir: str | Path, tokenizer=None, *,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, inputs=()) -> Path:
     """Write head `head` of `model` as a transformers GPT-2 folder at `out_dir`; returns its path.
 
     tokenizer: a `gpt2mh.Tokenizer` (None: the packaged rinna tokenizer; False: no tokenizer files).
@@ -45,18 +42,11 @@ def export_hf(model: MultiHeadGPT2, head: str, out_dir: str | Path, tokenizer=No
     if tokenizer is not False:
         check_tokenizer(model, tokenizer)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.export"
-    tmp.mkdir()  # os.mkdir honours the umask; mkdtemp would leave the export readable by its owner only
-    try:
+    with atomic_dir(out_dir, inputs=inputs, tag="export") as tmp:  # inputs: refused as the output
         write_weights(model, index, tmp / SAFETENSORS)
         atomic_write_text(tmp / "config.json", json.dumps(hf_config(model), indent=2) + "\n")
         if tokenizer is not False:
             write_tokenizer(tokenizer, model.config.n_positions, tmp)
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 
@@ -69,7 +59,7 @@ def export_hf_from_checkpoint(src: str | Path, head: str, out_dir: str | Path, *
     folder = resolve_checkpoint(src)
     model = MultiHeadGPT2.from_pretrained(folder)
     tokenizer = Tokenizer.from_pretrained(folder if (folder / MODEL_NAME).is_file() else None)
-    return export_hf(model, head, out_dir, tokenizer, overwrite=overwrite)
+    return export_hf(model, head, out_dir, tokenizer, overwrite=overwrite, inputs=[folder])
 
 
 # ---- contents ---------------------------------------------------------------------------------
@@ -139,14 +129,3 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
                           f"Pick another folder, or replace the whole folder with --overwrite (overwrite=True in Python)")
 
 
-def replace_dir(new: Path, dst: Path) -> None:
-    """Move the finished folder `new` to `dst`; an old `dst` is moved aside first, then deleted."""
-    fsync_path(new)
-    old = None
-    if dst.exists() and any(dst.iterdir()):
-        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
-        os.replace(dst, old / dst.name)
-    os.replace(new, dst)  # rename(2) also replaces an empty folder
-    fsync_path(dst.parent)
-    if old is not None:
-        shutil.rmtree(old)

@@ -11,14 +11,16 @@ out only what it keeps (the tokens), before the next replay."""
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from .inputs import prompt_batch, prompt_width
 from .model import MultiHeadGPT2, attention_mask_4d, position_ids_from_mask
-from .prompt import check_ids
+from .prompt import check_vocab
 from .sampling import SamplingConfig, build_controls, check_finite, process, sample
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
@@ -159,6 +161,9 @@ class Streams:
 
 def head_configs(model: MultiHeadGPT2, names: Sequence[str], controls: dict, per_head: Mapping | None,
                  eos_default: int, pad_default: int) -> list[SamplingConfig]:
+    if per_head is not None and not isinstance(per_head, Mapping):
+        raise TypeError(f"per_head must map head names to controls, e.g. per_head={{'{names[0]}': "
+                        f"{{'max_new_tokens': 8}}}}; got a {type(per_head).__name__}")
     per_head = dict(per_head or {})
     unknown = [h for h in per_head if h not in names]
     if unknown:
@@ -166,16 +171,26 @@ def head_configs(model: MultiHeadGPT2, names: Sequence[str], controls: dict, per
     out = []
     for name in names:
         spec = per_head.get(name, {})
-        if isinstance(spec, SamplingConfig):
-            cfg = spec
-        else:
-            try:
+        try:
+            if isinstance(spec, SamplingConfig):
+                cfg = spec
+            elif isinstance(spec, str):  # the CLI's spelling: "temperature=0.5,top_k=40"
+                cfg = SamplingConfig.from_string(spec, SamplingConfig(**controls))
+            elif isinstance(spec, Mapping):
                 cfg = SamplingConfig(**{**controls, **dict(spec)})
-            except TypeError as e:
-                raise TypeError(f"head {name!r}: {e}; valid controls are {list(SamplingConfig.__dataclass_fields__)}") from None
+            else:
+                raise TypeError(f"per_head[{name!r}] must be a dict of controls (or a SamplingConfig, or a "
+                                f"string like 'temperature=0.5'), got {type(spec).__name__}")
+        except TypeError as e:
+            raise TypeError(f"head {name!r}: {e}; valid controls are {list(SamplingConfig.__dataclass_fields__)}") from None
+        for key in ("eos_token_id", "pad_token_id"):
+            v = getattr(cfg, key)
+            if v is not None and not all(_is_id(t) for t in (v if isinstance(v, (list, tuple)) else [v])):
+                raise ValueError(f"head {name!r}: {key}={v!r} must be a token id (an int, e.g. tokenizer.eos_id)"
+                                 + (" or a list of them" if key == "eos_token_id" else ""))
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else eos_default
-        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else pad_default
+        eos = tuple(int(t) for t in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        pad = int(cfg.pad_token_id) if cfg.pad_token_id is not None else pad_default
         cfg = cfg.replace(eos_token_id=eos, pad_token_id=pad)
         cfg.validate(model.config.vocab_size)
         out.append(cfg)
@@ -196,6 +211,10 @@ def selected_heads(model: MultiHeadGPT2, idx: list[int]) -> Tensor:
     return model._head_subset[1]
 
 
+def _is_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
 def use_compile(compile: bool | None, model: MultiHeadGPT2) -> bool:
     # Default: compile on CUDA (the step becomes one CUDA graph). On CPU compiling costs 10-100 s
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
@@ -203,16 +222,8 @@ def use_compile(compile: bool | None, model: MultiHeadGPT2) -> bool:
 
 
 def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, per_head, compile: bool):
-    check_ids(input_ids, model.config.vocab_size)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids must be (B, T) with an attention_mask of the same shape; got "
-                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-    if input_ids.size(0) == 0:
-        raise ValueError("input_ids holds no prompt (batch size 0)")
+    # Lists, numpy, BatchEncoding, right or left padding -> left-padded (B, T) LongTensors.
+    input_ids, attention_mask = prompt_batch(input_ids, attention_mask, model.config.vocab_size)
     cfg = model.config
     if input_ids.size(1) == 0:  # an empty prompt starts from <s>, as HF does
         input_ids = torch.full((input_ids.size(0), 1), cfg.bos_token_id, dtype=torch.long)
@@ -395,9 +406,13 @@ def hf_aliases(controls: dict, input_ids) -> dict:
     """Accept transformers' spelling of a generate call (the seed memo's, verbatim)."""
     controls = dict(controls)
     controls.pop("bos_token_id", None)  # used by HF only for empty prompts; gpt2mh takes the model's
+    if controls.get("max_length", 0) is None:  # HF's "not set"
+        del controls["max_length"]
     if "max_length" in controls:
         max_length = controls.pop("max_length")
-        T = input_ids.shape[-1]
+        if not isinstance(max_length, int) or isinstance(max_length, bool):
+            raise ValueError(f"max_length={max_length!r} must be an integer (prompt + new tokens), or None")
+        T = prompt_width(input_ids)
         if "max_new_tokens" not in controls:
             if max_length <= T:
                 raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens")
@@ -428,6 +443,7 @@ def stream(model: MultiHeadGPT2, tokenizer, input_ids, attention_mask=None, head
     Flush rule: a row's text is re-decoded each step and everything that is stable is emitted —
     every complete character at once, Japanese included (no waiting for a space or a kanji as
     transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits."""
+    check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
     with decoding(model, input_ids, attention_mask, heads, per_head, compile, seed, generator, controls) as (st, loop):
         rows = [(st.head_names[n], j, s, st.configs[n]) for n in range(st.N) for j, s in enumerate(st.rows(n).tolist())]
         ids = {(name, j): [] for name, j, _, _ in rows}

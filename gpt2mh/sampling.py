@@ -18,6 +18,7 @@ the same way in eager mode (a compiled sort may order ties differently).
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -96,6 +97,8 @@ class SamplingConfig:
         if self.do_sample:  # `not x > 0` also catches NaN
             _require(self.temperature > 0, "temperature", self.temperature,
                      "must be > 0 with do_sample=True (use do_sample=False for greedy)")
+        for name in ("temperature", "repetition_penalty"):  # inf / inf = NaN: bans would be lost
+            _require(math.isfinite(getattr(self, name)), name, getattr(self, name), "must be a finite number")
         _require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1] (1 = off)")
         _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1] (0 = off)")

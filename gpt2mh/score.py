@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import MultiHeadGPT2, padded_causal_mask, position_ids_from_mask
-from .prompt import check_ids
+from .inputs import prompt_batch
 
 
 @torch.no_grad()
@@ -19,13 +19,14 @@ def score(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.T
     input_ids (B, T) left-padded prompts; target_ids (B, U) right-padded continuations. The trunk
     runs once; head logits are computed only at the positions that predict a target token, all
     heads in one batched matmul."""
-    check_ids(input_ids, model.config.vocab_size)
-    check_ids(target_ids, model.config.vocab_size, "target_ids")
+    V = model.config.vocab_size
+    # Any padding side in, left-padded prompts and right-padded continuations out (see gpt2mh.inputs).
+    input_ids, attention_mask = prompt_batch(input_ids, attention_mask, V)
+    target_ids, target_mask = prompt_batch(target_ids, target_mask, V, side="right", allow_empty_rows=True,
+                                           name="target_ids", mask_name="target_mask")
     B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if target_mask is None:
-        target_mask = torch.ones_like(target_ids)
+    if T == 0:
+        raise ValueError("input_ids is empty (length 0): a continuation is scored after a prompt of at least one token")
     if target_ids.size(0) != B:
         raise ValueError(f"{B} prompts but {target_ids.size(0)} continuations")
     if T + target_ids.size(1) > model.config.n_positions:
@@ -51,8 +52,15 @@ def score(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.T
 def score_text(model: MultiHeadGPT2, tokenizer, inputs: Sequence[str], continuations: Sequence[str],
                heads: Sequence[str] | None = None) -> dict[str, list[float]]:
     """Strings in (one continuation per input), per head the log-likelihoods out, in the training format."""
-    from .prompt import encode_prompts, encode_target
+    from .prompt import check_vocab, encode_prompts, encode_target
 
+    check_vocab(tokenizer, model)
+    if isinstance(inputs, str) != isinstance(continuations, str):
+        raise TypeError("score_text takes one continuation per input: both strings, or both lists of strings "
+                        f"(got {type(inputs).__name__} and {type(continuations).__name__})")
+    if isinstance(inputs, str):  # one pair (not its characters)
+        inputs, continuations = [inputs], [continuations]
+    inputs, continuations = list(inputs), list(continuations)
     if len(inputs) != len(continuations):
         raise ValueError(f"{len(inputs)} inputs but {len(continuations)} continuations")
     input_ids, mask = encode_prompts(tokenizer, inputs, model)

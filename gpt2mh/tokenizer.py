@@ -192,10 +192,6 @@ class Tokenizer:
         dst = folder / MODEL_NAME
         if dst.is_file() and dst.read_bytes() == self._model_bytes:
             return dst
-        tmp = dst.with_name(f".{MODEL_NAME}.{secrets.token_hex(6)}.tmp")  # then an atomic rename
-        try:
-            tmp.write_bytes(self._model_bytes)
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return dst
+        from .atomic import atomic_write_bytes
+
+        return atomic_write_bytes(dst, self._model_bytes)

@@ -283,6 +283,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, 
         except TypeError as e:
             valid = [f.name for f in dataclasses.fields(GPT2Config)]
             raise ValueError(f"model_config: {e}; valid fields: {', '.join(valid)}") from None
+        except ValueError as e:
+            raise ValueError(f"model_config: {e}") from None
         return MultiHeadGPT2(config, names), list(names)
     from .weights import read_meta
 
@@ -307,6 +309,15 @@ def base_folder(base: str) -> Path:
             logger.info("base %s: a training output folder; using its newest checkpoint %s", base, newest)
             return newest
     return folder
+
+
+def check_resume_heads(cfg: TrainConfig, folder: Path, saved: list[str]) -> None:
+    """A resumed run trains the checkpoint's heads: other heads= / add_heads= are refused, not ignored."""
+    want = _merge(cfg.heads or saved, cfg.add_heads or [])
+    if set(want) != set(saved):
+        raise ValueError(f"resume: {folder} was trained with heads {saved}, but this run asks for {want}; "
+                         f"resume with the same heads, or start a new run (another output_dir) with "
+                         f"base={str(folder)!r} and the heads you want")
 
 
 def _merge(names, more) -> list[str]:
@@ -450,6 +461,7 @@ class Run:
         if self.resume_from is not None:
             self.tokenizer = Tokenizer.from_pretrained(self.resume_from)
             self.model, new_heads = load_model(self.resume_from), []
+            check_resume_heads(cfg, self.resume_from, list(self.model.head_names))
         else:
             self.tokenizer = build_tokenizer(cfg)
             self.model, new_heads = build_model(cfg, self.tokenizer)

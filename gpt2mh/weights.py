@@ -8,15 +8,15 @@ import hashlib
 import json
 import os
 import re
-import secrets
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .atomic import atomic_save_file, atomic_write_text, fsync_path, refuse_same  # noqa: F401 (re-exported)
 from .config import GPT2Config
 from .model import MultiHeadGPT2, check_head_names
 
@@ -41,6 +41,8 @@ class CheckpointError(ValueError):
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, converting a lone `.bin` once if needed."""
     folder = Path(folder)
+    if (folder / SAFETENSORS).is_file():  # transformers' order too: the single file before an index
+        return [folder / SAFETENSORS]
     if (folder / SAFETENSORS_INDEX).is_file():
         index = folder / SAFETENSORS_INDEX
         try:
@@ -49,13 +51,14 @@ def weight_files(folder: Path) -> list[Path]:
             raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e!r}") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        if not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' is empty (no tensor is mapped to a shard); "
+                                  f"the index is broken or stale: delete it if {SAFETENSORS} holds the weights")
         files = sorted({safe_child(folder, s, index) for s in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard file(s) missing: {missing}")
         return files
-    if (folder / SAFETENSORS).is_file():
-        return [folder / SAFETENSORS]
     if (folder / PYTORCH_BIN).is_file():
         return [convert_bin(folder / PYTORCH_BIN)]
     raise FileNotFoundError(
@@ -83,6 +86,7 @@ def read_state_dict(files: Sequence[Path], device="cpu") -> dict[str, torch.Tens
     """Tensors straight from safetensors files (memory-mapped reads, one copy on `device`)."""
     sd: dict[str, torch.Tensor] = {}
     for f in files:
+        check_readable(f)
         try:
             with safe_open(str(f), framework="pt", device=str(device)) as st:
                 for key in st.keys():
@@ -94,6 +98,17 @@ def read_state_dict(files: Sequence[Path], device="cpu") -> dict[str, torch.Tens
     return sd
 
 
+def check_readable(path: Path) -> None:
+    # safetensors reports an unreadable file as "No such file": say what is wrong instead.
+    try:
+        open(path, "rb").close()
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied; this user cannot read the weights file "
+                              f"(check its owner and mode, e.g. chmod a+r)") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a weights file") from None
+
+
 def converted_bin_path(bin_path: Path) -> Path:
     """Where the safetensors copy of a `.bin` is kept: the gpt2mh cache, keyed by file identity."""
     st = bin_path.stat()
@@ -102,12 +117,16 @@ def converted_bin_path(bin_path: Path) -> Path:
     return root / "converted" / key / SAFETENSORS
 
 
-def convert_bin(bin_path: Path, out: Path | None = None) -> Path:
-    """`pytorch_model.bin` -> safetensors, once. Pickle is read with weights_only=True: no code runs."""
+def convert_bin(bin_path: Path, out: Path | None = None, overwrite: bool = False) -> Path:
+    """`pytorch_model.bin` -> safetensors, once (an existing `out` is kept unless overwrite=True).
+
+    Pickle is read with weights_only=True: no code runs. `out` must not be the input itself."""
     bin_path = Path(bin_path)
     out = Path(out) if out is not None else converted_bin_path(bin_path)
-    if out.is_file():
+    refuse_same(out, bin_path, what="convert output")
+    if out.is_file() and not overwrite:
         return out
+    check_readable(bin_path)
     try:
         # mmap needs the zip format (torch >= 1.6); 2019-era checkpoints use the legacy pickle format.
         sd = torch.load(bin_path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(bin_path))
@@ -123,7 +142,7 @@ def convert_bin(bin_path: Path, out: Path | None = None) -> Path:
     lm = sd.get("lm_head.weight")
     if lm is not None and wte is not None and lm.data_ptr() == wte.data_ptr():
         del sd["lm_head.weight"]  # tied: safetensors stores no aliases; the loader re-ties it
-    atomic_save_file({k: v.contiguous() for k, v in sd.items()}, out, metadata={"format": "pt"})
+    atomic_save_file({k: v.contiguous() for k, v in sd.items()}, out, metadata={"format": "pt"}, inputs=[bin_path])
     return out
 
 
@@ -214,11 +233,16 @@ def read_meta(folder: Path) -> dict | None:
     return meta
 
 
+class HeadsWarning(UserWarning):
+    """Loading changed a checkpoint's heads: a trained head left out, or an untrained one added."""
+
+
 def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
-               dtype: torch.dtype | None = None) -> MultiHeadGPT2:
+               dtype: torch.dtype | str | None = None) -> MultiHeadGPT2:
     """A HF GPT-2 folder or a gpt2mh checkpoint folder -> MultiHeadGPT2 (eval mode)."""
     folder = Path(folder)
-    device = torch.device(device or "cpu")
+    device = check_device(device)
+    dtype = check_dtype(dtype)
     config = GPT2Config.from_json(folder / "config.json")
     meta = read_meta(folder)
     files = weight_files(folder)
@@ -230,17 +254,18 @@ def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
     saved_heads = sd.pop("heads", None)
     trunk, lm_head = convert_hf_state_dict(sd, config, source)
     check_float({**trunk, "lm_head.weight": lm_head, "heads": saved_heads}, source)
-    names = check_head_names(heads if heads is not None else (meta["head_names"] if meta else ("lm",)))
+    saved = saved_head_names(folder, meta, saved_heads, files, heads, source)
+    names = check_head_names(heads if heads is not None else (saved or ("lm",)))
     dtype = dtype or trunk["transformer.wte.weight"].dtype
     if not dtype.is_floating_point:
         raise CheckpointError(f"{source}: weights of dtype {dtype} are not floating point")
 
-    saved = list(meta["head_names"]) if meta else []
-    if meta:
+    if saved:
         want = (len(saved), config.n_embd, config.vocab_size)
         if saved_heads is None or tuple(saved_heads.shape) != want:
             got = None if saved_heads is None else tuple(saved_heads.shape)
             raise CheckpointError(f"{source}: {META} lists {len(saved)} heads, so 'heads' must have shape {want}; found {got}")
+        warn_heads_changed(folder, saved, names)
     with torch.device("meta"):
         model = MultiHeadGPT2(config, names)
     # Saved heads keep their weights; a new name is an untied copy of the pretrained LM head (the
@@ -254,50 +279,74 @@ def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
     return model.eval()
 
 
-def new_temp_beside(path: Path) -> tuple[int, str]:
-    """(fd, name) of a new hidden temp file beside `path`, for an atomic rename onto it.
+def saved_head_names(folder: Path, meta, saved_heads, files, heads, source: str) -> list[str]:
+    """The names of the heads stored in the weights: gpt2mh.json's, else model.safetensors' own copy.
 
-    Not mkstemp: its 0600 mode would stick to the checkpoint files; 0o666 here honours the umask."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    Without either, stored (fine-tuned) heads are never replaced by a fresh copy of wte in silence."""
+    if meta:
+        return list(meta["head_names"])
+    if saved_heads is None:
+        return []
+    n = saved_heads.size(0) if saved_heads.dim() == 3 else None
+    stored = stored_head_names(files[0])
+    if stored is not None and len(stored) == n:
+        warnings.warn(f"{folder}: no {META}; the {n} head names were recovered from {files[0].name}: {stored}",
+                      HeadsWarning, stacklevel=4)
+        return stored
+    if heads is not None and not isinstance(heads, str) and len(heads) == n:
+        warnings.warn(f"{folder}: no {META}; naming the {n} stored heads {list(heads)} in their saved order "
+                      f"(as given by heads=)", HeadsWarning, stacklevel=4)
+        return list(heads)
+    raise CheckpointError(
+        f"{source}: holds {n} fine-tuned head(s) ('heads' {tuple(saved_heads.shape)}) but {folder / META}, which "
+        f"names them, is missing: copy {META} from the original checkpoint, or pass heads=[{n} names] in their "
+        f"saved order")
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    fd, tmp = new_temp_beside(path)
-    mode = os.fstat(fd).st_mode & 0o777  # the umask's; safetensors writes a 0600 file of its own
-    os.close(fd)
+def stored_head_names(path: Path) -> list[str] | None:
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with safe_open(str(path), framework="pt") as st:
+            names = json.loads((st.metadata() or {}).get("head_names", "null"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(x, str) for x in names) else None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = new_temp_beside(path)
+def warn_heads_changed(folder: Path, saved: list[str], names: Sequence[str]) -> None:
+    dropped = [h for h in saved if h not in names]
+    added = [h for h in names if h not in saved]
+    if dropped:
+        warnings.warn(f"{folder}: trained head(s) {dropped} are not in heads={list(names)} and are left out of "
+                      f"the loaded model (heads=None keeps all of {saved})", HeadsWarning, stacklevel=4)
+    if added:
+        warnings.warn(f"{folder}: head(s) {added} are not in the checkpoint (its heads: {saved}); they start "
+                      f"untrained, as copies of the pretrained LM head", HeadsWarning, stacklevel=4)
+
+
+def check_device(device) -> torch.device:
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        device = torch.device(device or "cpu")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"device={device!r} is not usable here ({reason}); pass device='cpu' or a device "
+                         f"this torch build has (torch.cuda.is_available() is {torch.cuda.is_available()})") from None
+    return device
 
 
-def fsync_path(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        found = getattr(torch, _DTYPE_NAMES.get(name, name), None)
+        if isinstance(found, torch.dtype) and found.is_floating_point:
+            return found
+    raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; pass e.g. torch.float16 or "
+                     f"'float16', 'bfloat16', 'float32'")
 
 
 def save_model(model: MultiHeadGPT2, folder: str | Path, tokenizer=None) -> Path:
@@ -306,7 +355,12 @@ def save_model(model: MultiHeadGPT2, folder: str | Path, tokenizer=None) -> Path
     Each file is written atomically (temp file, fsync, rename)."""
     folder = Path(folder)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_save_file(tensors, folder / SAFETENSORS, metadata={"format": "pt", "gpt2mh": str(FORMAT_VERSION)})
+    # The head names also go into the weights file, so a copy without gpt2mh.json still knows them.
+    atomic_save_file(tensors, folder / SAFETENSORS, metadata={
+        "format": "pt", "gpt2mh": str(FORMAT_VERSION), "head_names": json.dumps(list(model.head_names))})
+    stale = folder / SAFETENSORS_INDEX  # an index left from a sharded save would describe other weights
+    if stale.is_file():
+        stale.unlink()
     atomic_write_text(folder / "config.json", json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     meta = {"format_version": FORMAT_VERSION, "head_names": list(model.head_names)}
     atomic_write_text(folder / META, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
