@@ -11,31 +11,26 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
-
-GEMV_ROWS = 8  # up to this many rows, CPU linear layers run as one GEMV per row (see Conv1D)
-
+from .linear import Prepacked, linear, prepack
 
 class Conv1D(nn.Module):
     """HF GPT-2's linear layer: weight stored [in, out], y = x @ W + b.
 
     Keeping this layout makes loading a pure rename, and x @ W with W [in, out] is also the faster
-    memory order for these shapes on CPU."""
+    memory order for these shapes on CPU. The kernel is picked by `gpt2mh.linear` (few-row decode
+    GEMMs use a weight prepacked by `prepack(rows)`, set up with the KV cache)."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
+        self.pack: Prepacked | None = None
+
+    def prepack(self, rows: int) -> None:
+        self.pack = prepack(self.weight, rows, self.pack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.size(-1))  # (M, in)
-        if x2.size(0) <= GEMV_ROWS and x2.device.type == "cpu":
-            # Decode steps have a few rows. MKL runs 2-8-row GEMMs far below memory speed on CPU
-            # (3 rows: 2.3x the time of 1); one GEMV per row, as a bmm over the broadcast weight,
-            # streams the weight at full speed instead (3 rows: 1.3x the time of 1).
-            w = self.weight.expand(x2.size(0), *self.weight.shape)  # (M, in, out), no copy
-            y = torch.baddbmm(self.bias, x2.unsqueeze(1), w).squeeze(1)
-        else:
-            y = torch.addmm(self.bias, x2, self.weight)
+        y = linear(x.reshape(-1, x.size(-1)), self.weight, self.bias, self.pack)  # (M, out)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -231,6 +226,14 @@ class MultiHeadGPT2(nn.Module):
             if cache is None or cache.k_cache.shape != (batch_size, c.n_head, max_len, c.head_dim) \
                     or cache.k_cache.dtype != self.dtype or cache.k_cache.device != self.device:
                 block.attn.kv_cache = KVCache(batch_size, c.n_head, max_len, c.head_dim, self.dtype, self.device)
+        self.prepack(batch_size)
+
+    def prepack(self, rows: int) -> None:
+        """Repack the trunk's linear weights for `rows`-row inference inputs (the decode step's S
+        streams). Kept across calls and rebuilt when a weight changes (see `gpt2mh.linear`)."""
+        for m in self.transformer.modules():
+            if isinstance(m, Conv1D):
+                m.prepack(rows)
 
     def clear_cache(self) -> None:
         for block in self.transformer.h:
