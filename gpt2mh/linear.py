@@ -34,9 +34,21 @@ class Prepacked:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().t(), rows)
         self.rows, self.version, self.data_ptr = rows, weight._version, weight.data_ptr()
 
+    # A copied or pickled model gets no pack (the packed MKL tensor has no storage to copy); the
+    # next setup_cache repacks.
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return _no_pack, ()
+
     def matches(self, weight: torch.Tensor, rows: int) -> bool:
         # An optimizer step or load_state_dict bumps _version; `p.data = t` changes data_ptr.
         return self.rows == rows and self.version == weight._version and self.data_ptr == weight.data_ptr()
+
+
+def _no_pack():
+    return None
 
 
 def prepack(weight: torch.Tensor, rows: int, old: Prepacked | None = None) -> Prepacked | None:
