@@ -58,9 +58,11 @@ def prepack(weight: torch.Tensor, rows: int, old: Prepacked | None = None) -> Pr
     return old if old is not None and old.matches(weight, rows) else Prepacked(weight, rows)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pack: Prepacked | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pack=None) -> torch.Tensor:
     """(M, in) @ [in, out] + (out,) -> (M, out)."""
     if pack is not None and not torch.compiler.is_compiling() and not torch.is_grad_enabled() \
             and pack.matches(weight, x.size(0)):
-        return torch.ops.mkl._mkl_linear(x, pack.packed, weight.t(), bias, pack.rows)
+        if isinstance(pack, Prepacked):
+            return torch.ops.mkl._mkl_linear(x, pack.packed, weight.t(), bias, pack.rows)
+        return pack(x)  # an int8 weight (`gpt2mh.quantize`): any row count
     return torch.addmm(bias, x, weight)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
 from .linear import Prepacked, linear, prepack
+from .quantize import Int8Heads, Int8Linear
 
 class Conv1D(nn.Module):
     """HF GPT-2's linear layer: weight stored [in, out], y = x @ W + b.
@@ -27,7 +28,8 @@ class Conv1D(nn.Module):
         self.pack: Prepacked | None = None
 
     def prepack(self, rows: int) -> None:
-        self.pack = prepack(self.weight, rows, self.pack)
+        if not isinstance(self.pack, Int8Linear):  # int8 mode keeps its weights
+            self.pack = prepack(self.weight, rows, self.pack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x.reshape(-1, x.size(-1)), self.weight, self.bias, self.pack)  # (M, out)
@@ -146,6 +148,7 @@ class MultiHeadGPT2(nn.Module):
         )
         self.heads = nn.Parameter(torch.empty(len(self.head_names), config.n_embd, config.vocab_size))
         self.gradient_checkpointing = False
+        self.int8_heads: Int8Heads | None = None  # set by quantize("int8")
         self.reset_parameters()
 
     # ---- construction -------------------------------------------------------------------------
@@ -197,6 +200,33 @@ class MultiHeadGPT2(nn.Module):
         from .score import score
 
         return score(self, input_ids, attention_mask, target_ids, target_mask, heads)
+
+    def quantize(self, mode: str | None = "int8") -> "MultiHeadGPT2":
+        """Inference with int8 weights: every trunk linear and every head stored as int8 with a
+        per-output-channel scale (embeddings, LayerNorms, biases stay fp32). The fp32 parameters
+        are kept (saving and training use them); a changed weight drops back to its fp32 kernel.
+        mode=None: back to exact fp32. Error vs fp32: see README (int8 mode)."""
+        if mode not in ("int8", None):
+            raise ValueError(f"quantize(mode={mode!r}): supported modes are 'int8' and None (fp32)")
+        if mode == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(f"quantize('int8') needs a CPU float32 model (this one is {self.device.type} "
+                             f"{self.dtype}); int8 kernels are CPU-only here")
+        for m in self.transformer.modules():
+            if isinstance(m, Conv1D):
+                m.pack = Int8Linear(m.weight, m.bias) if mode else None
+        self.int8_heads = Int8Heads(self.heads, version=self.heads._version) if mode else None
+        return self
+
+    @property
+    def quantized(self) -> str | None:
+        return "int8" if self.int8_heads is not None else None
+
+    def head_weights(self, idx: list[int]):
+        """The selected heads as the head matmul takes them: (N, C, V) fp32, or their int8 form."""
+        q = self.int8_heads
+        if q is not None and q.version == self.heads._version and not torch.is_grad_enabled():
+            return q if idx == list(range(len(self.head_names))) else q.select(idx)
+        return self.heads if idx == list(range(len(self.head_names))) else self.heads[idx].contiguous()
 
     @property
     def device(self) -> torch.device:
@@ -261,6 +291,9 @@ class MultiHeadGPT2(nn.Module):
     def head_logits(self, h: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """Every head on the same hidden states: (..., C) -> (N, ..., V), one batched matmul."""
         heads = self.heads if heads is None else heads
+        if isinstance(heads, Int8Heads):
+            return heads.matmul(h.reshape(1, -1, h.size(-1)).expand(heads.size(0), -1, -1)).view(
+                heads.size(0), *h.shape[:-1], -1)
         flat = h.reshape(1, -1, h.size(-1))  # (1, M, C) broadcast over the N heads
         return torch.matmul(flat, heads).view(heads.size(0), *h.shape[:-1], heads.size(-1))
 
