@@ -171,15 +171,18 @@ class MultiHeadGPT2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, src: str | Path, heads: Sequence[str] | None = None, *, revision: str | None = None,
-                        device=None, dtype: torch.dtype | None = None) -> "MultiHeadGPT2":
+                        device=None, dtype: torch.dtype | None = None,
+                        quantize: str | None = None) -> "MultiHeadGPT2":
         """Load a HF GPT-2 checkpoint or a gpt2mh checkpoint from a folder or a hub repo id.
 
         heads=None keeps a gpt2mh checkpoint's heads, or gives one head "lm" for a HF checkpoint;
-        a list of names gives those heads, each new name an untied copy of the pretrained LM head."""
+        a list of names gives those heads, each new name an untied copy of the pretrained LM head;
+        quantize="int8": inference with int8 weights (see `quantize`)."""
         from .hub import resolve_checkpoint
         from .weights import load_model
 
-        return load_model(resolve_checkpoint(src, revision=revision), heads, device=device, dtype=dtype)
+        model = load_model(resolve_checkpoint(src, revision=revision), heads, device=device, dtype=dtype)
+        return model.quantize(quantize) if quantize else model
 
     def save_pretrained(self, folder: str | Path, **kwargs) -> Path:
         from .weights import save_model
