@@ -4,6 +4,7 @@ Systems, all with the seed memo's sampling settings, EOS banned (every stream ge
 --new-tokens tokens) and the same prompt:
   gpt2mh-compiled  one trunk + N fused heads, `model.generate(compile=True)`
   gpt2mh-eager     the same model, `compile=False`
+  gpt2mh-int8      its own copy with int8 weights, `from_pretrained(..., quantize="int8")`, eager
   hf-separate      N separate GPT2LMHeadModel copies, one generate each (the seed memo's first option)
   hf-nrs           one GPT2LMHeadModel, `num_return_sequences=N` (N streams but no distinct heads:
                    a lower bound for what transformers can do)
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (the harness beside this script)
 
-SYSTEMS = ("gpt2mh-compiled", "gpt2mh-eager", "hf-separate", "hf-nrs")
+SYSTEMS = ("gpt2mh-compiled", "gpt2mh-eager", "gpt2mh-int8", "hf-separate", "hf-nrs")
 BASELINES = ("baseline-gpt2mh", "baseline-hf")
 # rinna/japanese-gpt2-small's shape and special ids (its config.json); random weights, no download.
 RINNA_SMALL = dict(vocab_size=32000, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -136,6 +137,8 @@ class Shape:
     def read_per_round(self, system: str, n: int) -> int:
         """Weight bytes one decode round must read (one token for every stream)."""
         one = self.trunk - self.embed + self.head
+        if system == "gpt2mh-int8":  # int8 linears and heads: a quarter of the fp32 bytes (LN/bias ~0.1%)
+            return (self.trunk - self.embed + n * self.head) // 4
         return {"hf-separate": n * one, "hf-nrs": one}.get(system, self.trunk - self.embed + n * self.head)
 
 
@@ -159,10 +162,11 @@ class Gpt2mh:
         self.model, self.compile = model, compile
 
     @staticmethod
-    def load(folder, n, device, dtype):
+    def load(folder, n, device, dtype, quantize=None):
         from gpt2mh import MultiHeadGPT2
 
-        return MultiHeadGPT2.from_pretrained(folder, heads=[f"head{i}" for i in range(n)], device=device, dtype=dtype)
+        return MultiHeadGPT2.from_pretrained(folder, heads=[f"head{i}" for i in range(n)], device=device, dtype=dtype,
+                                             quantize=quantize)
 
     def __call__(self, ids, mask, kw, seed) -> list[torch.Tensor]:
         out = self.model.generate(ids, mask, compile=self.compile, seed=seed, **kw)
@@ -203,6 +207,8 @@ def load_systems(folder, args) -> dict[tuple[str, int], object]:
         if {"gpt2mh-compiled", "gpt2mh-eager"} & set(args.systems):
             model = Gpt2mh.load(folder, n, dev, dt)
             out["gpt2mh-compiled", n], out["gpt2mh-eager", n] = Gpt2mh(model, True), Gpt2mh(model, False)
+        if "gpt2mh-int8" in args.systems:
+            out["gpt2mh-int8", n] = Gpt2mh(Gpt2mh.load(folder, n, dev, dt, quantize="int8"), False)
     if {"hf-separate", "hf-nrs"} & set(args.systems):
         copies = max(args.heads) if "hf-separate" in args.systems else 1
         hf = [HFSeparate.load(folder, dev, dt) for _ in range(copies)]
@@ -326,7 +332,8 @@ def child(args) -> None:
         n, b, folder = args.heads[0], args.batch[0], Path(args.weights)
         cfg, _ = checkpoint_config(folder)
         if what.startswith("gpt2mh"):
-            fn = Gpt2mh(Gpt2mh.load(folder, n, args.device, args.dtype), what == "gpt2mh-compiled")
+            q = "int8" if what == "gpt2mh-int8" else None
+            fn = Gpt2mh(Gpt2mh.load(folder, n, args.device, args.dtype, quantize=q), what == "gpt2mh-compiled")
         else:
             hf = [HFSeparate.load(folder, args.device, args.dtype) for _ in range(n if what == "hf-separate" else 1)]
             fn = HFSeparate(hf) if what == "hf-separate" else HFReturnSequences(hf[0], n)

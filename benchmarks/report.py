@@ -15,10 +15,11 @@ MIB = 1 << 20
 SYSTEM_LABELS = {
     "gpt2mh-compiled": "gpt2mh, compiled",
     "gpt2mh-eager": "gpt2mh, eager",
+    "gpt2mh-int8": "gpt2mh, int8 weights (eager)",
     "hf-separate": "transformers, N separate models",
     "hf-nrs": "transformers, 1 model, num_return_sequences=N",
 }
-COLORS = {"gpt2mh-compiled": "tab:blue", "gpt2mh-eager": "tab:cyan", "hf-separate": "tab:red", "hf-nrs": "tab:orange"}
+COLORS = {"gpt2mh-compiled": "tab:blue", "gpt2mh-eager": "tab:cyan", "gpt2mh-int8": "tab:green", "hf-separate": "tab:red", "hf-nrs": "tab:orange"}
 STYLES = ["-", "--", ":", "-."]
 # Issue 6's targets, 3 heads, batch 1.
 TARGET_VS_SEPARATE, TARGET_VS_NRS, TARGET_X_BOUND, TARGET_RSS_SLACK = 5.0, 4.0, 2.0, 0.15

@@ -90,6 +90,8 @@ def bad_rows(logits, scores, unfinished):
 def heads_matmul(h, heads):
     """(N, M, C) @ (N, C, V) -> (N, M, V). A baddbmm, not a bmm: on CPU, inductor lowers a bmm with
     M = 1 to an elementwise multiply-and-sum that runs ~3x slower than MKL's GEMV."""
+    if not isinstance(heads, torch.Tensor):  # int8 heads (gpt2mh.quantize)
+        return heads.matmul(h)
     return torch.baddbmm(h.new_zeros(()), h, heads, beta=0)
 
 
@@ -218,6 +220,9 @@ def _is_id(t) -> bool:
 def use_compile(compile: bool | None, model: MultiHeadGPT2) -> bool:
     # Default: compile on CUDA (the step becomes one CUDA graph). On CPU compiling costs 10-100 s
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
+    if compile and model.quantized:
+        raise ValueError(f"compile=True with a {model.quantized} model: its int8 kernels run eagerly only; "
+                         f"pass compile=False (or model.quantize(None) for fp32)")
     return model.device.type == "cuda" if compile is None else bool(compile)
 
 
@@ -233,7 +238,8 @@ def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, pe
         raise ValueError(f"heads={heads!r}: name each head to generate once (or heads=None for all "
                          f"of {list(model.head_names)})")
     idx = model.head_index(names)
-    sel = selected_heads(model, idx)
+    # (N, C, V); int8 heads (model.quantize) run eagerly, fp32 subsets are kept static for CUDA graphs
+    sel = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
     pad_default = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
     configs = head_configs(model, names, controls, per_head, cfg.eos_token_id, pad_default)
     B, T = input_ids.shape

@@ -11,31 +11,28 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
-
-GEMV_ROWS = 8  # up to this many rows, CPU linear layers run as one GEMV per row (see Conv1D)
-
+from .linear import Prepacked, linear, prepack
+from .quantize import Int8Heads, Int8Linear
 
 class Conv1D(nn.Module):
     """HF GPT-2's linear layer: weight stored [in, out], y = x @ W + b.
 
     Keeping this layout makes loading a pure rename, and x @ W with W [in, out] is also the faster
-    memory order for these shapes on CPU."""
+    memory order for these shapes on CPU. The kernel is picked by `gpt2mh.linear` (few-row decode
+    GEMMs use a weight prepacked by `prepack(rows)`, set up with the KV cache)."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
+        self.pack: Prepacked | None = None
+
+    def prepack(self, rows: int) -> None:
+        if not isinstance(self.pack, Int8Linear):  # int8 mode keeps its weights
+            self.pack = prepack(self.weight, rows, self.pack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.size(-1))  # (M, in)
-        if x2.size(0) <= GEMV_ROWS and x2.device.type == "cpu":
-            # Decode steps have a few rows. MKL runs 2-8-row GEMMs far below memory speed on CPU
-            # (3 rows: 2.3x the time of 1); one GEMV per row, as a bmm over the broadcast weight,
-            # streams the weight at full speed instead (3 rows: 1.3x the time of 1).
-            w = self.weight.expand(x2.size(0), *self.weight.shape)  # (M, in, out), no copy
-            y = torch.baddbmm(self.bias, x2.unsqueeze(1), w).squeeze(1)
-        else:
-            y = torch.addmm(self.bias, x2, self.weight)
+        y = linear(x.reshape(-1, x.size(-1)), self.weight, self.bias, self.pack)  # (M, out)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -157,6 +154,7 @@ class MultiHeadGPT2(nn.Module):
         )
         self.heads = nn.Parameter(torch.empty(len(self.head_names), config.n_embd, config.vocab_size))
         self.gradient_checkpointing = False
+        self.int8_heads: Int8Heads | None = None  # set by quantize("int8")
         self.reset_parameters()
 
     # ---- construction -------------------------------------------------------------------------
@@ -179,15 +177,18 @@ class MultiHeadGPT2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, src: str | Path, heads: Sequence[str] | None = None, *, revision: str | None = None,
-                        device=None, dtype: torch.dtype | None = None) -> "MultiHeadGPT2":
+                        device=None, dtype: torch.dtype | None = None,
+                        quantize: str | None = None) -> "MultiHeadGPT2":
         """Load a HF GPT-2 checkpoint or a gpt2mh checkpoint from a folder or a hub repo id.
 
         heads=None keeps a gpt2mh checkpoint's heads, or gives one head "lm" for a HF checkpoint;
-        a list of names gives those heads, each new name an untied copy of the pretrained LM head."""
+        a list of names gives those heads, each new name an untied copy of the pretrained LM head;
+        quantize="int8": inference with int8 weights (see `quantize`)."""
         from .hub import resolve_checkpoint
         from .weights import load_model
 
-        return load_model(resolve_checkpoint(src, revision=revision), heads, device=device, dtype=dtype)
+        model = load_model(resolve_checkpoint(src, revision=revision), heads, device=device, dtype=dtype)
+        return model.quantize(quantize) if quantize else model
 
     def save_pretrained(self, folder: str | Path, **kwargs) -> Path:
         from .weights import save_model
@@ -208,6 +209,33 @@ class MultiHeadGPT2(nn.Module):
         from .score import score
 
         return score(self, input_ids, attention_mask, target_ids, target_mask, heads)
+
+    def quantize(self, mode: str | None = "int8") -> "MultiHeadGPT2":
+        """Inference with int8 weights: every trunk linear and every head stored as int8 with a
+        per-output-channel scale (embeddings, LayerNorms, biases stay fp32). The fp32 parameters
+        are kept (saving and training use them); a changed weight drops back to its fp32 kernel.
+        mode=None: back to exact fp32. Error vs fp32: see README (int8 mode)."""
+        if mode not in ("int8", None):
+            raise ValueError(f"quantize(mode={mode!r}): supported modes are 'int8' and None (fp32)")
+        if mode == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(f"quantize('int8') needs a CPU float32 model (this one is {self.device.type} "
+                             f"{self.dtype}); int8 kernels are CPU-only here")
+        for m in self.transformer.modules():
+            if isinstance(m, Conv1D):
+                m.pack = Int8Linear(m.weight, m.bias) if mode else None
+        self.int8_heads = Int8Heads(self.heads, version=self.heads._version) if mode else None
+        return self
+
+    @property
+    def quantized(self) -> str | None:
+        return "int8" if self.int8_heads is not None else None
+
+    def head_weights(self, idx: list[int]):
+        """The selected heads as the head matmul takes them: (N, C, V) fp32, or their int8 form."""
+        q = self.int8_heads
+        if q is not None and q.version == self.heads._version and not torch.is_grad_enabled():
+            return q if idx == list(range(len(self.head_names))) else q.select(idx)
+        return self.heads if idx == list(range(len(self.head_names))) else self.heads[idx].contiguous()
 
     @property
     def device(self) -> torch.device:
@@ -237,6 +265,14 @@ class MultiHeadGPT2(nn.Module):
             if cache is None or cache.k_cache.shape != (batch_size, c.n_head, max_len, c.head_dim) \
                     or cache.k_cache.dtype != self.dtype or cache.k_cache.device != self.device:
                 block.attn.kv_cache = KVCache(batch_size, c.n_head, max_len, c.head_dim, self.dtype, self.device)
+        self.prepack(batch_size)
+
+    def prepack(self, rows: int) -> None:
+        """Repack the trunk's linear weights for `rows`-row inference inputs (the decode step's S
+        streams). Kept across calls and rebuilt when a weight changes (see `gpt2mh.linear`)."""
+        for m in self.transformer.modules():
+            if isinstance(m, Conv1D):
+                m.prepack(rows)
 
     def clear_cache(self) -> None:
         for block in self.transformer.h:
@@ -264,6 +300,9 @@ class MultiHeadGPT2(nn.Module):
     def head_logits(self, h: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """Every head on the same hidden states: (..., C) -> (N, ..., V), one batched matmul."""
         heads = self.heads if heads is None else heads
+        if isinstance(heads, Int8Heads):
+            return heads.matmul(h.reshape(1, -1, h.size(-1)).expand(heads.size(0), -1, -1)).view(
+                heads.size(0), *h.shape[:-1], -1)
         flat = h.reshape(1, -1, h.size(-1))  # (1, M, C) broadcast over the N heads
         return torch.matmul(flat, heads).view(heads.size(0), *h.shape[:-1], heads.size(-1))
 

@@ -43,7 +43,7 @@ def score(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.T
     rows, cols = target_mask.to(dev).nonzero(as_tuple=True)  # target tokens, (M,)
     h_sel = h[rows, T + cols - 1]  # the hidden state that predicts each target token, (M, C)
     idx = model.head_index(heads)
-    sel = model.heads if idx == list(range(len(model.head_names))) else model.heads[idx]
+    sel = model.head_weights(idx)  # (N, C, V), or their int8 form (model.quantize)
     logp = F.log_softmax(model.head_logits(h_sel, sel).float(), -1)  # (N, M, V)
     tok_logp = logp.gather(-1, target_ids.to(dev)[rows, cols].expand(len(idx), -1)[..., None])[..., 0]  # (N, M)
     return torch.zeros(len(idx), B, device=dev).index_add_(1, rows, tok_logp)
