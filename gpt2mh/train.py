@@ -462,6 +462,7 @@ class Run:
             self.tokenizer = Tokenizer.from_pretrained(self.resume_from)
             self.model, new_heads = load_model(self.resume_from), []
             check_resume_heads(cfg, self.resume_from, list(self.model.head_names))
+            logger.info("resuming from %s", self.resume_from)
         else:
             self.tokenizer = build_tokenizer(cfg)
             self.model, new_heads = build_model(cfg, self.tokenizer)
