@@ -8,6 +8,11 @@ Systems, all with the seed memo's sampling settings, EOS banned (every stream ge
   hf-separate      N separate GPT2LMHeadModel copies, one generate each (the seed memo's first option)
   hf-nrs           one GPT2LMHeadModel, `num_return_sequences=N` (N streams but no distinct heads:
                    a lower bound for what transformers can do)
+  ct2-fp32-separate, ct2-int8-separate
+                   CTranslate2 (optional `bench` extra), the same folder converted with
+                   TransformersConverter at fp32 / int8; N distinct heads as N models one after another
+  ct2-int8-nh      one CTranslate2 int8 model, `num_hypotheses=N` (no distinct heads: a lower bound)
+                   CTranslate2 systems are skipped with a message when ctranslate2 is not installed.
 
 Scenarios (system x heads x batch) are interleaved round by round, so a slow moment of a shared
 machine hits every system alike. Peak RSS comes from a fresh child process per system
@@ -34,7 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (the harness beside this script)
 
-SYSTEMS = ("gpt2mh-compiled", "gpt2mh-eager", "gpt2mh-int8", "hf-separate", "hf-nrs")
+SYSTEMS = ("gpt2mh-compiled", "gpt2mh-eager", "gpt2mh-int8", "hf-separate", "hf-nrs",
+           "ct2-fp32-separate", "ct2-int8-separate", "ct2-int8-nh")
+CT2_SYSTEMS = ("ct2-fp32-separate", "ct2-int8-separate", "ct2-int8-nh")
 BASELINES = ("baseline-gpt2mh", "baseline-hf")
 # rinna/japanese-gpt2-small's shape and special ids (its config.json); random weights, no download.
 RINNA_SMALL = dict(vocab_size=32000, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -132,11 +139,16 @@ class Shape:
     def held(self, system: str, n: int) -> int:
         """Weight bytes a system keeps in memory."""
         hf_one = self.trunk + (0 if self.tied else self.head)
-        return {"hf-separate": n * hf_one, "hf-nrs": hf_one}.get(system, self.trunk + n * self.head)
+        ct2 = {"ct2-fp32-separate": n * hf_one, "ct2-int8-separate": n * hf_one // 4, "ct2-int8-nh": hf_one // 4}
+        return {"hf-separate": n * hf_one, "hf-nrs": hf_one, **ct2}.get(system, self.trunk + n * self.head)
 
     def read_per_round(self, system: str, n: int) -> int:
         """Weight bytes one decode round must read (one token for every stream)."""
         one = self.trunk - self.embed + self.head
+        if system.startswith("ct2-int8"):
+            return (n if system.endswith("separate") else 1) * one // 4
+        if system == "ct2-fp32-separate":
+            return n * one
         if system == "gpt2mh-int8":  # int8 linears and heads: a quarter of the fp32 bytes (LN/bias ~0.1%)
             return (self.trunk - self.embed + n * self.head) // 4
         return {"hf-separate": n * one, "hf-nrs": one}.get(system, self.trunk - self.embed + n * self.head)
@@ -199,6 +211,70 @@ class HFReturnSequences:
         return [out[:, ids.size(1):]]  # (B * N, new): prompt-major, N rows per prompt
 
 
+class CT2:
+    """CTranslate2 Generator(s) on the same checkpoint. Token strings are "t<id>" (a random folder
+    has no tokenizer; CT2 only needs one distinct string per id)."""
+
+    def __init__(self, gens, hypotheses: int = 1):
+        self.gens, self.hyp = gens, hypotheses
+
+    @staticmethod
+    def convert(folder, quantization: str, out: Path, vocab: int, cfg) -> Path:
+        import ctranslate2
+
+        class Tokens:
+            bos_token, eos_token, unk_token = f"t{cfg.bos_token_id}", f"t{cfg.eos_token_id}", "t0"
+
+            def get_vocab(self):
+                return {f"t{i}": i for i in range(vocab)}
+
+        conv = ctranslate2.converters.TransformersConverter(str(folder))
+        conv.load_tokenizer = lambda *a, **k: Tokens()
+        return Path(conv.convert(str(out), quantization=quantization, force=True))
+
+    def __call__(self, ids, mask, kw, seed) -> list[torch.Tensor]:
+        import ctranslate2
+
+        ctranslate2.set_random_seed(seed)
+        start = [[f"t{i}" for i, m in zip(row, mrow) if m] for row, mrow in zip(ids.tolist(), mask.tolist())]
+        opts = dict(sampling_topk=kw["top_k"], sampling_topp=kw["top_p"], sampling_temperature=kw["temperature"],
+                    max_length=kw["max_new_tokens"], min_length=kw["min_new_tokens"],
+                    suppress_sequences=[[f"t{i}" for i in w] for w in kw["bad_words_ids"]],
+                    include_prompt_in_result=False, num_hypotheses=self.hyp)
+        out = []
+        for g in self.gens:
+            res = g.generate_batch(start, **opts)
+            out.append(torch.tensor([seq for r in res for seq in r.sequences_ids]))  # (B * hyp, new)
+        return out
+
+
+def load_ct2(folder, args, tmp: Path) -> dict[tuple[str, int], object]:
+    want = [s for s in CT2_SYSTEMS if s in args.systems]
+    if not want:
+        return {}
+    try:
+        import ctranslate2
+    except ImportError:
+        common.log(f"ctranslate2 is not installed: skipping {want} (pip install -e '.[bench]')")
+        args.systems = [s for s in args.systems if s not in CT2_SYSTEMS]
+        return {}
+    cfg, _ = checkpoint_config(folder)
+    threads = torch.get_num_threads()
+    out = {}
+    for quant in ("float32", "int8"):
+        names = [s for s in want if ("int8" in s) == (quant == "int8")]
+        if not names:
+            continue
+        path = CT2.convert(folder, quant, tmp / f"ct2-{quant}", cfg.vocab_size, cfg)
+        copies = max(args.heads) if any(s.endswith("separate") for s in names) else 1
+        gens = [ctranslate2.Generator(str(path), device="cpu", inter_threads=1, intra_threads=threads)
+                for _ in range(copies)]
+        for n in args.heads:
+            for s in names:
+                out[s, n] = CT2(gens[:n]) if s.endswith("separate") else CT2(gens[:1], hypotheses=n)
+    return out
+
+
 def load_systems(folder, args) -> dict[tuple[str, int], object]:
     """(system, N) -> a callable. gpt2mh: one model per N shared by compiled and eager (each holds
     exactly N heads); transformers: max(N) full copies, scenario N uses the first N."""
@@ -214,6 +290,7 @@ def load_systems(folder, args) -> dict[tuple[str, int], object]:
         hf = [HFSeparate.load(folder, dev, dt) for _ in range(copies)]
         for n in args.heads:
             out["hf-separate", n], out["hf-nrs", n] = HFSeparate(hf[:n]), HFReturnSequences(hf[0], n)
+    out.update(load_ct2(folder, args, Path(tempfile.mkdtemp(prefix="bench-ct2-"))))
     return {k: v for k, v in out.items() if k[0] in args.systems}
 
 
@@ -371,7 +448,7 @@ def measure_rss(args, folder, records) -> dict:
     base = {w: common.run_child(script, child_args(args, w, 1, 1, folder))["peak_rss"] for w in BASELINES}
     common.log(f"RSS baselines: {', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in base.items())}")
     for (name, n, b), rec in records.items():
-        if rss_wanted(args, n, b):
+        if rss_wanted(args, n, b) and name not in CT2_SYSTEMS:  # CTranslate2: no child-process RSS (not wired)
             rec.rss = common.run_child(script, child_args(args, name, n, b, folder))
             common.log(f"RSS {name:16s} N={n} B={b}: peak {rec.rss['peak_rss'] / 2**20:.0f} MiB")
     return base
