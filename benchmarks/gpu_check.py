@@ -232,23 +232,13 @@ def check_speed(folder: Path, dev, quick: bool, deadline: float) -> dict:
                    "achieved_GBps": n_bytes / (ms / 1e3) / 1e9, "x_copy_bound": ms / 1e3 / (n_bytes / (copy_bw / 2))}
             # transformers: N distinct heads need N models; one model's round, measured, times N
             hf_kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=PAD, eos_token_id=EOS)
-            with torch.no_grad():
-                hf.generate(ids, attention_mask=mask, **hf_kw)
-                hf_ms = round_ms(lambda: hf.generate(ids, attention_mask=mask, **hf_kw),
-                                 lambda: hf.generate(ids, attention_mask=mask, **{**hf_kw, "max_new_tokens": 1,
-                                                                                   "min_new_tokens": 1}),
-                                 new, dev, repeats)
-                row["hf_one_model_round_ms"] = hf_ms
-                row["hf_N_models_round_ms"] = N * hf_ms
-                if dev.type == "cuda":  # transformers' static cache (it compiles the forward itself)
-                    skw = dict(hf_kw, cache_implementation="static")
-                    hf.generate(ids, attention_mask=mask, **skw)
-                    hs_ms = round_ms(lambda: hf.generate(ids, attention_mask=mask, **skw),
-                                     lambda: hf.generate(ids, attention_mask=mask, **{**skw, "max_new_tokens": 1,
-                                                                                       "min_new_tokens": 1}),
-                                     new, dev, repeats)
-                    row["hf_static_one_model_round_ms"] = hs_ms
-                    row["hf_static_N_models_round_ms"] = N * hs_ms
+            hf_ms = hf_round_ms(hf, ids, mask, hf_kw, new, dev, repeats)
+            row["hf_one_model_round_ms"] = hf_ms
+            row["hf_N_models_round_ms"] = N * hf_ms
+            if dev.type == "cuda":  # transformers' static cache (it compiles the forward itself)
+                hs_ms = hf_round_ms(hf, ids, mask, dict(hf_kw, cache_implementation="static"), new, dev, repeats)
+                row["hf_static_one_model_round_ms"] = hs_ms
+                row["hf_static_N_models_round_ms"] = N * hs_ms
             row["x_vs_hf_N_models"] = row["hf_N_models_round_ms"] / ms
             out["rows"].append(row)
             common.log(f"speed N={N} B={B}: {ms:.2f} ms/round, {row['achieved_GBps']:.0f} GB/s; "
@@ -257,6 +247,15 @@ def check_speed(folder: Path, dev, quick: bool, deadline: float) -> dict:
         del model
     out["ok"] = True  # figures, not a pass/fail check
     return out
+
+
+@torch.no_grad()
+def hf_round_ms(hf, ids, mask, kw: dict, new: int, dev, repeats: int) -> float:
+    """ms per decode round of one transformers model: `new` tokens minus a 1-token run (the prefill), after a warm-up."""
+    one = {**kw, "max_new_tokens": 1, "min_new_tokens": 1}
+    hf.generate(ids, attention_mask=mask, **kw)
+    return round_ms(lambda: hf.generate(ids, attention_mask=mask, **kw),
+                    lambda: hf.generate(ids, attention_mask=mask, **one), new, dev, repeats)
 
 
 def write_data(folder: Path, n: int = 16) -> Path:
