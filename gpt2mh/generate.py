@@ -21,7 +21,7 @@ from torch import Tensor
 from .inputs import prompt_batch, prompt_width
 from .model import MultiHeadGPT2, attention_mask_4d, position_ids_from_mask
 from .prompt import check_vocab
-from .sampling import SamplingConfig, build_controls, check_finite, process, sample
+from .sampling import SamplingConfig, build_controls, has_nonfinite, process, sample
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
 LEN_BUCKET = 64  # cache length is rounded up to this, so new prompt lengths reuse the compiled step
@@ -83,7 +83,7 @@ NON_FINITE, NOTHING_LEFT = 1, 2  # bits of bad_rows
 def bad_rows(logits, scores, unfinished):
     """(S,) long flags of live streams: NaN/+inf logits, or every token banned (argmax would emit a
     banned id). Checked on the host every CHECK_EVERY steps."""
-    flags = check_finite(logits).long() | (scores.isneginf().all(-1).long() * NOTHING_LEFT)
+    flags = has_nonfinite(logits).long() | (scores.isneginf().all(-1).long() * NOTHING_LEFT)
     return flags * unfinished
 
 
