@@ -305,7 +305,9 @@ def dir_bytes(folder: Path) -> int:
 
 def disk_sizes(run, hfs, tmp: Path) -> dict:
     """gpt2mh: one checkpoint (trunk + N heads); transformers: N `save_pretrained` folders."""
-    g = run.model.save_pretrained(tmp / "gpt2mh")
+    from gpt2mh.weights import save_model
+
+    g = save_model(run.model, tmp / "gpt2mh")
     hf = [m.model.save_pretrained(tmp / f"hf-{m.head}") or tmp / f"hf-{m.head}" for m in hfs]
     out = {"gpt2mh_bytes": dir_bytes(g), "hf_bytes": sum(dir_bytes(p) for p in hf),
            "gpt2mh_files": sorted(f.name for f in g.iterdir()), "hf_files_each": sorted(f.name for f in hf[0].iterdir())}

@@ -97,7 +97,7 @@ def check_local(src: str, flag: str) -> None:
 
 
 def load_model_and_tokenizer(src: str | None, device: str | None, revision: str | None = None):
-    from .model import MultiHeadGPT2
+    from .api import MultiHeadGPT2
     from .tokenizer import Tokenizer
 
     folder = model_folder(src, revision)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import GPT2Config
 from .data import Example, read_examples, split_examples
-from .model import Attention, MultiHeadGPT2
+from .model import Attention, GPT2
 from .packing import TRUNCATION, PackedLM, collate, pack_examples
 from .prompt import check_vocab
 from .tokenizer import Tokenizer
@@ -269,7 +269,7 @@ def setup_distributed(device: str | None) -> Dist:
 
 
 # ---- model, tokenizer, data ----------------------------------------------------------------------
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, list[str]]:
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[GPT2, list[str]]:
     """The model to fine-tune and the names of its new heads."""
     add = cfg.add_heads or []
     if cfg.base is None:
@@ -285,7 +285,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, 
             raise ValueError(f"model_config: {e}; valid fields: {', '.join(valid)}") from None
         except ValueError as e:
             raise ValueError(f"model_config: {e}") from None
-        return MultiHeadGPT2(config, names), list(names)
+        return GPT2(config, names), list(names)
     from .weights import read_meta
 
     folder = base_folder(cfg.base)
@@ -335,7 +335,7 @@ def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
     return Tokenizer.from_pretrained(None)  # rinna's, packaged
 
 
-def set_dropout(model: MultiHeadGPT2, p: float) -> None:
+def set_dropout(model: GPT2, p: float) -> None:
     model.config = dataclasses.replace(model.config, embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -365,7 +365,7 @@ def _log_report(text: str, problems: bool) -> None:
 
 
 # ---- optimisation --------------------------------------------------------------------------------
-def freeze(model: MultiHeadGPT2, cfg: TrainConfig) -> list[int]:
+def freeze(model: GPT2, cfg: TrainConfig) -> list[int]:
     """Set requires_grad from the freeze options; returns the indices of the frozen heads."""
     for name, p in model.transformer.named_parameters():
         embedding = name.startswith(("wte.", "wpe."))
@@ -374,7 +374,7 @@ def freeze(model: MultiHeadGPT2, cfg: TrainConfig) -> list[int]:
     return [k for k in range(len(model.head_names)) if k not in train_idx]
 
 
-def make_optimizer(model: MultiHeadGPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from gpt2mh import checkpoint as ckpt
-from gpt2mh.model import MultiHeadGPT2
+from gpt2mh import MultiHeadGPT2
 from gpt2mh.train import TrainConfig, train
 
 HEADS = ["kana", "upper"]
