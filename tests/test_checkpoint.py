@@ -11,7 +11,8 @@ import torch
 
 from gpt2mh import checkpoint as ckpt
 from gpt2mh import MultiHeadGPT2
-from gpt2mh.train import Run, train
+from gpt2mh import train as train_mod
+from gpt2mh.train import train
 from test_train import HEADS, tiny_config
 
 
@@ -20,15 +21,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def interrupt_after(monkeypatch, step: int, sig=signal.SIGINT):
     """Deliver `sig` to this process right after optimizer step `step`, as a user's Ctrl-C would."""
-    original = Run.train_step
+    original = train_mod.train_step
 
-    def step_then_signal(self):
-        out = original(self)
-        if self.step == step:
+    def step_then_signal(run):
+        out = original(run)
+        if run.progress.step == step:
             os.kill(os.getpid(), sig)
         return out
 
-    monkeypatch.setattr(Run, "train_step", step_then_signal)
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, caplog):

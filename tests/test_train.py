@@ -166,14 +166,14 @@ def test_column_mapping_and_truncation_is_logged(tmp_path, caplog):
 def step_gradients(cfg: TrainConfig, steps: int) -> tuple[list[dict], list[torch.Tensor]]:
     """Every parameter's gradient and the per-head losses of `steps` optimizer steps taken at the
     initial weights (optimizer.step captures the gradients instead of updating)."""
-    from gpt2mh.train import Dist, Run
+    from gpt2mh.train import Dist, setup, train_step
 
-    run = Run(cfg, Dist())
+    run = setup(cfg, Dist())
     grads, losses = [], []
     run.optimizer.step = lambda: grads.append(
         {n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None})
     for _ in range(steps):
-        losses.append(run.train_step()[0])
+        losses.append(train_step(run)[0])
     return grads, losses
 
 
