@@ -242,15 +242,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, parse_set, train
 
     cfg = TrainConfig.from_file(args.config) if args.config else None
     overrides = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = parse_value(value)
+    try:
+        overrides.update(parse_set(args.set or []))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if cfg is None and args.resume and args.output_dir:
         cfg = saved_config(Path(args.output_dir))  # `train --resume --output-dir RUN`: the run's own settings
     if overrides.get("base"):
@@ -313,13 +312,6 @@ def quickstart_command(args) -> str:
     return " ".join(parts)
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 # ---- parser -------------------------------------------------------------------------------------
 DEFAULT_EVAL_TOKENS = 128  # gpt2mh.evaluate.DEFAULT_MAX_NEW_TOKENS (not imported: --help stays torch-free)
 TRAIN_EPILOG = """\
@@ -378,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_const", const=True,
                    help="continue from the latest checkpoint in --output-dir (with its saved settings, "
                         "unless --config is given)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other TrainConfig field")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other TrainConfig field; VALUE is read as JSON (5, 1e-4, true, null, [\"a\"], "
+                        "{\"n_embd\": 256}), anything that is not JSON is a string (gpt2mh.train.parse_set)")
     s.set_defaults(func=cmd_train)
 
     s = add("generate", help="every head's output for each input text")

@@ -874,24 +874,39 @@ def _short(metrics: dict) -> str:
 
 
 # ---- command line --------------------------------------------------------------------------------
+SET_HELP = ("override a setting; VALUE is read as JSON (5, 1e-4, true, null, [\"a\"], {\"n_embd\": 256}); "
+            "anything that is not JSON is a string")
+
+
+def parse_set(items) -> dict:
+    """`--set KEY=VALUE` items -> {key: value}: the one grammar of both training command lines
+    (`gpt2mh train` and `python -m gpt2mh.train`). VALUE is JSON where it parses as JSON (numbers,
+    true/false/null, lists, objects), else the text itself (`--set base=rinna/japanese-gpt2-small`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m gpt2mh.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a .toml or .json file of TrainConfig settings")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue from the latest checkpoint in output_dir (or from CHECKPOINT)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting; VALUE is read as TOML (a bare word is a string)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     d = TrainConfig.from_file(args.config).to_dict()
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            d[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            d[key.strip()] = value
+    try:
+        d.update(parse_set(args.set))
+    except ValueError as e:
+        parser.error(str(e))
     if args.resume is not None:
         d["resume"] = args.resume
     if args.no_progress:
