@@ -102,7 +102,7 @@ def load_model_and_tokenizer(src: str | None, device: str | None, revision: str 
 
     folder = model_folder(src, revision)
     model = MultiHeadGPT2.from_pretrained(folder, device=pick_device(device))
-    tok = Tokenizer.from_pretrained(folder if (folder / "spiece.model").is_file() else None)
+    tok = Tokenizer.for_model(folder)
     return model, tok
 
 

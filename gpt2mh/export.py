@@ -54,11 +54,11 @@ def export_hf_from_checkpoint(src: str | Path, head: str, out_dir: str | Path, *
     """A gpt2mh (or HF) checkpoint -> `export_hf` of one head, with the checkpoint's own spiece.model
     if it has one, else the packaged rinna tokenizer."""
     from .hub import resolve_checkpoint
-    from .tokenizer import MODEL_NAME, Tokenizer
+    from .tokenizer import Tokenizer
 
     folder = resolve_checkpoint(src)
     model = load_model(folder)
-    tokenizer = Tokenizer.from_pretrained(folder if (folder / MODEL_NAME).is_file() else None)
+    tokenizer = Tokenizer.for_model(folder)
     return export_hf(model, head, out_dir, tokenizer, overwrite=overwrite, inputs=[folder])
 
 

@@ -82,6 +82,12 @@ class Tokenizer:
             )
         return cls(path)
 
+    @classmethod
+    def for_model(cls, folder: str | Path) -> Tokenizer:
+        """The tokenizer of a model folder: its own spiece.model, else the packaged rinna one."""
+        own = Path(folder) / MODEL_NAME
+        return cls(own if own.is_file() else PACKAGED_MODEL)
+
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()

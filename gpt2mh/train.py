@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import GPT2Config
 from .data import Example, read_examples, split_examples
-from .model import Attention, GPT2
+from .model import GPT2, Attention, check_head_names
 from .packing import TRUNCATION, PackedExample, PackedLoss, collate, pack_examples
 from .prompt import check_vocab
 from .tokenizer import Tokenizer
@@ -118,11 +118,7 @@ class TrainConfig:
         for name in ("heads", "train_heads", "add_heads"):
             names = getattr(self, name)
             if names is not None:
-                names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-                dup = sorted({n for n in names if names.count(n) > 1})
-                if dup:
-                    raise ValueError(f"{name}: duplicate head names {dup}")
-                setattr(self, name, names)
+                setattr(self, name, [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names))
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.check()
 
@@ -161,6 +157,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("heads", "train_heads", "add_heads"):
+            if getattr(self, name):  # None / []: not given
+                try:
+                    check_head_names(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         bad = {h: w for h, w in (self.loss_weights or {}).items() if not (math.isfinite(w) and w >= 0)}
         if bad:
             raise ValueError(f"loss_weights must be finite and >= 0: {bad}")
@@ -380,9 +382,7 @@ def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if cfg.tokenizer is not None:
         return Tokenizer.from_pretrained(cfg.tokenizer)
     if cfg.base is not None:
-        folder = base_folder(cfg.base)
-        if (folder / "spiece.model").is_file():
-            return Tokenizer.from_pretrained(folder)
+        return Tokenizer.for_model(base_folder(cfg.base))
     return Tokenizer.from_pretrained(None)  # rinna's, packaged
 
 
