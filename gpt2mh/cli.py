@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .hub import DEFAULT_REPO
+from .hub import DEFAULT_REPO, download, looks_like_path, resolve_checkpoint
 
 DEFAULT_RUN = Path("runs/quickstart")
 
@@ -20,8 +20,6 @@ class UsageError(ValueError):
 
 # ---- subcommands --------------------------------------------------------------------------------
 def cmd_download(args) -> None:
-    from .hub import download
-
     try:
         folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir)
     except FileNotFoundError as e:
@@ -64,7 +62,6 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
     """--model: a checkpoint folder, a training output folder (its newest checkpoint) or a hub id;
     None: the quickstart's result in runs/quickstart."""
     from .checkpoint import latest_checkpoint
-    from .hub import resolve_checkpoint
 
     if src is None:
         if latest_checkpoint(DEFAULT_RUN) is None:
@@ -81,8 +78,6 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
 def check_local(src: str, flag: str) -> None:
     """`runs/quikstart` has the shape of a hub id (owner/name), but when `runs/` is a local folder it is
     a mistyped path: report the missing folder instead of asking the hub for it."""
-    from .hub import looks_like_path
-
     path = Path(src).expanduser()
     if path.exists() or looks_like_path(src):  # a path-shaped src: resolve_checkpoint reports it
         return

@@ -21,7 +21,7 @@ from torch import Tensor
 from .inputs import prompt_batch, prompt_width
 from .linear import prepack_model
 from .model import GPT2, attention_mask_4d, position_ids_from_mask
-from .prompt import check_vocab
+from .prompt import check_vocab, encode_prompts
 from .sampling import SamplingConfig, build_controls, has_nonfinite, process, sample
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
@@ -478,8 +478,6 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
 def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None,
                   **kwargs) -> dict[str, list[str]] | dict[str, list[list[str]]]:
     """Strings in, per head the decoded strings out (a list per input when num_return_sequences > 1)."""
-    from .prompt import encode_prompts
-
     single = isinstance(texts, str)
     input_ids, mask = encode_prompts(tokenizer, [texts] if single else list(texts), model)
     out = generate(model, input_ids, mask, heads, **kwargs)

@@ -9,9 +9,7 @@ marked "HF:".
 from __future__ import annotations
 
 import numbers
-import os
 import re
-import secrets
 from pathlib import Path
 
 import sentencepiece as spm

@@ -39,6 +39,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write_text
 from .config import GPT2Config
 from .data import Example, read_examples, split_examples
 from .model import GPT2, Attention, check_head_names
@@ -46,7 +47,7 @@ from .packing import TRUNCATION, PackedExample, PackedLoss, collate, pack_exampl
 from .prompt import check_vocab
 from .tokenizer import Tokenizer
 from .evaluate import DEFAULT_MAX_NEW_TOKENS, PROGRESS_SECONDS, evaluate
-from .weights import atomic_write_text, load_model
+from .weights import load_model, read_meta
 
 logger = logging.getLogger(__name__)
 SCHEDULES = ("cosine", "linear", "constant")
@@ -339,8 +340,6 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[GPT2, list[str]
         except ValueError as e:
             raise ValueError(f"model_config: {e}") from None
         return GPT2(config, names), list(names)
-    from .weights import read_meta
-
     folder = base_folder(cfg.base)
     meta = read_meta(folder)
     saved = list(meta["head_names"]) if meta else []

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .atomic import atomic_save_file, atomic_write_text, fsync_path, refuse_same  # noqa: F401 (re-exported)
+from .atomic import atomic_save_file, atomic_write_text, refuse_same
 from .config import GPT2Config
 from .model import GPT2, check_head_names
 
