@@ -13,7 +13,7 @@ from gpt2mh import checkpoint as ckpt
 from gpt2mh import MultiHeadGPT2
 from gpt2mh import train as train_mod
 from gpt2mh.train import train
-from test_train import HEADS, tiny_config
+from helpers import HEADS, tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_keep_last_prunes_but_keeps_the_best(tmp_path):
-    from test_train import write_data
+    from helpers import write_data
 
     val = write_data(tmp_path, n=4, name="val.jsonl")
     # greater_is_better on a falling loss makes step 1 the best: it must survive keep_last=2
