@@ -2,7 +2,7 @@
 
 Systems, on the same data (hironsancorpus' multi-task training set, rinna's tokenizer), the same
 steps, batch size, optimizer settings and initial weights:
-  gpt2mh  one trunk + N heads: the library's own training step, `gpt2mh.train.Run.train_step`
+  gpt2mh  one trunk + N heads: the library's own training step, `gpt2mh.train.train_step`
           (the object `train(TrainConfig)` drives: shared-prefix packing, `packed_loss`, clipping,
           fused AdamW, scheduler), each example's input once followed by all N targets
   hf      N `transformers.GPT2LMHeadModel`s, one per head, each trained on `input + target_k`
@@ -114,28 +114,26 @@ def write_data(folder: Path) -> Path:
 
 # ---- gpt2mh: the library's training step -------------------------------------------------------
 def gpt2mh_run(folder: Path, data: Path, out_dir: Path, args):
-    """`gpt2mh.train.Run`: what `train(TrainConfig(...))` builds and steps, evaluation and saving off.
+    """`gpt2mh.train.setup`: the run `train(TrainConfig(...))` builds and steps, evaluation and saving off.
     The model comes from `load_model(folder, heads)`, the loader of `MultiHeadGPT2.from_pretrained`."""
-    from gpt2mh.train import Dist, Run, TrainConfig
+    from gpt2mh.train import Dist, TrainConfig, setup
 
     cols = head_columns(args.heads)
     cfg = TrainConfig(train_file=str(data), heads=list(cols), columns=cols, base=str(folder),
                       output_dir=str(out_dir), batch_size=args.batch, max_steps=total_steps(args),
                       eval_every=0, save_every=0, eval_samples=0, progress=False, seed=args.seed,
                       device=str(args.device))
-    return Run(cfg, Dist(device=args.device))
+    return setup(cfg, Dist(device=args.device))
 
 
 def gpt2mh_step(run) -> tuple[int, list[float], dict]:
     """One optimizer step; returns (labelled target tokens, per-head mean loss, work done)."""
-    from gpt2mh.train import step_indices
+    from gpt2mh.train import train_step
 
-    idx = step_indices(run.step, len(run.train), run.cfg.batch_size, run.cfg.seed)
-    tokens = int(run.label_counts[idx].sum())
-    lengths = [len(run.train[i]) for i in idx]
-    head_loss, _ = run.train_step()
+    r = train_step(run)
+    tokens = int(r.labels.sum())
     # logits only at labelled positions, each through its own head
-    return tokens, head_loss.tolist(), work(sum(lengths), len(idx) * max(lengths), tokens)
+    return tokens, r.head_loss.tolist(), work(sum(r.lengths), len(r.lengths) * max(r.lengths), tokens)
 
 
 def work(positions: int, padded: int, logit_rows: int) -> dict:
@@ -150,11 +148,11 @@ def hf_rows(run, examples) -> list[list[tuple[list[int], list[int]] | None]]:
     Checked against the packed examples gpt2mh trains on: both systems learn the same tokens."""
     from gpt2mh.prompt import encode_input, encode_target
 
-    cols = list(head_columns(len(run.head_names)).values())
-    if len(examples) != len(run.train):
-        raise AssertionError(f"{len(examples)} corpus examples but gpt2mh packed {len(run.train)}")
+    cols = list(head_columns(len(run.heads.names)).values())
+    if len(examples) != len(run.data.train):
+        raise AssertionError(f"{len(examples)} corpus examples but gpt2mh packed {len(run.data.train)}")
     rows = []
-    for ex, p in zip(examples, run.train):
+    for ex, p in zip(examples, run.data.train):
         inp = encode_input(run.tokenizer, ex.input)
         row = [(inp, encode_target(run.tokenizer, ex.targets[c])) if c in ex.targets else None for c in cols]
         if p.input_ids[p.segments == 0].tolist() != inp:
@@ -305,7 +303,9 @@ def dir_bytes(folder: Path) -> int:
 
 def disk_sizes(run, hfs, tmp: Path) -> dict:
     """gpt2mh: one checkpoint (trunk + N heads); transformers: N `save_pretrained` folders."""
-    g = run.model.save_pretrained(tmp / "gpt2mh")
+    from gpt2mh.weights import save_model
+
+    g = save_model(run.model, tmp / "gpt2mh")
     hf = [m.model.save_pretrained(tmp / f"hf-{m.head}") or tmp / f"hf-{m.head}" for m in hfs]
     out = {"gpt2mh_bytes": dir_bytes(g), "hf_bytes": sum(dir_bytes(p) for p in hf),
            "gpt2mh_files": sorted(f.name for f in g.iterdir()), "hf_files_each": sorted(f.name for f in hf[0].iterdir())}
@@ -367,17 +367,17 @@ def measure_rss(args, folder: Path, data: Path) -> dict:
 # ---- main -------------------------------------------------------------------------------------
 def settings(args, run, hfs) -> dict:
     """What was run, read from the live objects (the models are freed before the RSS children)."""
-    return {"heads": args.heads, "head_names": list(run.head_names), "batch": args.batch,
+    return {"heads": args.heads, "head_names": list(run.heads.names), "batch": args.batch,
             "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "device": str(args.device),
             "autocast": "bf16" if args.device.type == "cuda" else None, "weights": args.weights,
             "small": args.small, "quick": args.quick, "seed": args.seed, "threads": torch.get_num_threads(),
-            "model_config": run.model.config.to_hf_dict(), "examples": len(run.train),
+            "model_config": run.model.config.to_hf_dict(), "examples": len(run.data.train),
             "params_gpt2mh": sum(p.numel() for p in run.model.parameters()),
             "params_hf_each": sum(p.numel() for p in hfs[0].model.parameters()),
             "learning_rate": run.cfg.learning_rate, "lr_schedule": run.cfg.lr_schedule,
             "max_grad_norm": run.cfg.max_grad_norm,
             "optimizer": "AdamW, fused on CPU/CUDA (gpt2mh.train.make_optimizer, both systems)",
-            "gpt2mh_step": "gpt2mh.train.Run(TrainConfig(..., eval/save off)).train_step()",
+            "gpt2mh_step": "gpt2mh.train.train_step(setup(TrainConfig(..., eval/save off)))",
             "hf_step": "GPT2LMHeadModel(input_ids, attention_mask, labels).loss.backward(), clip, step"}
 
 
@@ -416,7 +416,7 @@ def main(argv=None) -> None:
         rows = hf_rows(run, build_examples("train"))
         hfs = [HFFineTune.load(folder, k, run.cfg, args.device, total_steps(args)) for k in range(args.heads)]
         info = settings(args, run, hfs)
-        common.log(f"loaded gpt2mh (heads {run.head_names}) and {len(hfs)} transformers models; "
+        common.log(f"loaded gpt2mh (heads {run.heads.names}) and {len(hfs)} transformers models; "
                    f"{len(rows)} examples, batch {args.batch}")
         recs, extra = {s: Record(s) for s in SYSTEMS}, {}
 

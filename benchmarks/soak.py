@@ -143,7 +143,8 @@ def soak(args) -> dict:
     seconds = time.perf_counter() - warm["t"]
     growth = (rss_end - warm["rss_bytes"]) / warm["rss_bytes"]
     recompiles = graphs_end - warm["graphs"]
-    passed = growth < args.max_rss_growth and recompiles == 0
+    rss_ok = growth < args.max_rss_growth
+    passed = rss_ok and recompiles == 0
     return {
         "benchmark": "soak",
         "machine": common.machine_info(device),
@@ -157,6 +158,7 @@ def soak(args) -> dict:
         "rss_end_bytes": rss_end,
         "rss_growth": growth,
         "rss_trace": trace,
+        "rss_growth_ok": rss_ok,  # growth < criteria.rss_growth_below (--max-rss-growth)
         "shapes_after_warmup": sorted(shapes),  # (batch, prompt length) of each call: all reuse one graph
         "graphs_after_warmup": warm["graphs"],
         "graphs_end": graphs_end,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .hub import DEFAULT_REPO
+from .hub import DEFAULT_REPO, download, looks_like_path, resolve_checkpoint
 
 DEFAULT_RUN = Path("runs/quickstart")
 
@@ -20,8 +20,6 @@ class UsageError(ValueError):
 
 # ---- subcommands --------------------------------------------------------------------------------
 def cmd_download(args) -> None:
-    from .hub import download
-
     try:
         folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir)
     except FileNotFoundError as e:
@@ -64,7 +62,6 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
     """--model: a checkpoint folder, a training output folder (its newest checkpoint) or a hub id;
     None: the quickstart's result in runs/quickstart."""
     from .checkpoint import latest_checkpoint
-    from .hub import resolve_checkpoint
 
     if src is None:
         if latest_checkpoint(DEFAULT_RUN) is None:
@@ -81,8 +78,6 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
 def check_local(src: str, flag: str) -> None:
     """`runs/quikstart` has the shape of a hub id (owner/name), but when `runs/` is a local folder it is
     a mistyped path: report the missing folder instead of asking the hub for it."""
-    from .hub import looks_like_path
-
     path = Path(src).expanduser()
     if path.exists() or looks_like_path(src):  # a path-shaped src: resolve_checkpoint reports it
         return
@@ -97,12 +92,12 @@ def check_local(src: str, flag: str) -> None:
 
 
 def load_model_and_tokenizer(src: str | None, device: str | None, revision: str | None = None):
-    from .model import MultiHeadGPT2
+    from .api import MultiHeadGPT2
     from .tokenizer import Tokenizer
 
     folder = model_folder(src, revision)
     model = MultiHeadGPT2.from_pretrained(folder, device=pick_device(device))
-    tok = Tokenizer.from_pretrained(folder if (folder / "spiece.model").is_file() else None)
+    tok = Tokenizer.for_model(folder)
     return model, tok
 
 
@@ -242,15 +237,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, parse_set, train
 
     cfg = TrainConfig.from_file(args.config) if args.config else None
     overrides = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = parse_value(value)
+    try:
+        overrides.update(parse_set(args.set or []))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if cfg is None and args.resume and args.output_dir:
         cfg = saved_config(Path(args.output_dir))  # `train --resume --output-dir RUN`: the run's own settings
     if overrides.get("base"):
@@ -313,13 +307,6 @@ def quickstart_command(args) -> str:
     return " ".join(parts)
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 # ---- parser -------------------------------------------------------------------------------------
 DEFAULT_EVAL_TOKENS = 128  # gpt2mh.evaluate.DEFAULT_MAX_NEW_TOKENS (not imported: --help stays torch-free)
 TRAIN_EPILOG = """\
@@ -378,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_const", const=True,
                    help="continue from the latest checkpoint in --output-dir (with its saved settings, "
                         "unless --config is given)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other TrainConfig field")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other TrainConfig field; VALUE is read as JSON (5, 1e-4, true, null, [\"a\"], "
+                        "{\"n_embd\": 256}), anything that is not JSON is a string (gpt2mh.train.parse_set)")
     s.set_defaults(func=cmd_train)
 
     s = add("generate", help="every head's output for each input text")

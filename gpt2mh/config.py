@@ -38,7 +38,8 @@ def _float(key: str, value) -> float:
         raise ValueError(f"{key}={value!r} must be a number") from None
 
 
-_INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "bos_token_id", "eos_token_id")
+_INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _FLOAT_FIELDS = ("layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
@@ -52,9 +53,9 @@ class GPT2Config:
     n_inner: int | None = None  # None: 4 * n_embd (HF's rule: GPT2MLP uses n_inner or 4 * n_embd)
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
-    pad_token_id: int | None = None
+    bos_token_id: int | None = None  # None: vocab_size - 1 (GPT-2's <|endoftext|> is its last id, 50256)
+    eos_token_id: int | None = None  # None: vocab_size - 1
+    pad_token_id: int | None = None  # None: no pad id (generation pads with eos)
     embd_pdrop: float = 0.1  # dropout, active in training mode only
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
@@ -65,8 +66,10 @@ class GPT2Config:
         # GPT2Config(**dict) from JSON/TOML: 1.0 for an int is fine, 1.5 / True / "x" / None are not.
         for name in _INT_FIELDS:
             object.__setattr__(self, name, _int(name, getattr(self, name)))
-        if self.pad_token_id is not None:
-            object.__setattr__(self, "pad_token_id", _int("pad_token_id", self.pad_token_id))
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.vocab_size - 1)
+        self._check_special_ids(self.vocab_size)
         for name in _FLOAT_FIELDS:
             object.__setattr__(self, name, _float(name, getattr(self, name)))
         if not isinstance(self.activation_function, str):
@@ -87,6 +90,17 @@ class GPT2Config:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
 
+    def _check_special_ids(self, limit: int | None) -> None:
+        for name in _SPECIAL_IDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = _int(name, value)
+            object.__setattr__(self, name, value)
+            if value < 0 or (limit is not None and value >= limit):
+                raise ValueError(f"{name}={value} is not a token id of this vocabulary: special ids must be in "
+                                 f"[0, vocab_size={self.vocab_size})")
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
@@ -100,7 +114,7 @@ class GPT2Config:
                 raise ValueError(f"{source}: {key}={d[key]!r} is not supported by gpt2mh (only {supported})")
         try:
             n_embd = _int("n_embd", d["n_embd"])
-            return cls(
+            config = cls(
                 vocab_size=_int("vocab_size", d["vocab_size"]),
                 n_positions=_int("n_positions", d["n_positions"]),
                 n_embd=n_embd,
@@ -109,13 +123,18 @@ class GPT2Config:
                 n_inner=None if d.get("n_inner") is None else _int("n_inner", d["n_inner"]),
                 layer_norm_epsilon=_float("layer_norm_epsilon", _get(d, "layer_norm_epsilon", 1e-5)),
                 activation_function=_get(d, "activation_function", "gelu_new"),
-                bos_token_id=_int("bos_token_id", _get(d, "bos_token_id", 50256)),
-                eos_token_id=_int("eos_token_id", _get(d, "eos_token_id", 50256)),
-                pad_token_id=None if d.get("pad_token_id") is None else _int("pad_token_id", d["pad_token_id"]),
                 embd_pdrop=_float("embd_pdrop", _get(d, "embd_pdrop", 0.1)),
                 attn_pdrop=_float("attn_pdrop", _get(d, "attn_pdrop", 0.1)),
                 resid_pdrop=_float("resid_pdrop", _get(d, "resid_pdrop", 0.1)),
             )
+            # transformers accepts special ids outside the vocabulary (a model that never emits them;
+            # its GPT2Config defaults bos/eos to 50256 whatever vocab_size), so a config.json may hold
+            # them: kept as written (ids >= 0); generation refuses them where they would be used.
+            # HF's defaults for a missing key, not vocab_size - 1: what transformers itself would load.
+            for name, default in (("bos_token_id", 50256), ("eos_token_id", 50256), ("pad_token_id", None)):
+                object.__setattr__(config, name, _get(d, name, default))
+            config._check_special_ids(None)
+            return config
         except KeyError as e:
             raise ValueError(f"{source}: required setting {e.args[0]!r} is missing") from None
         except ValueError as e:

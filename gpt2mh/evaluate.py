@@ -15,7 +15,7 @@ import torch
 
 from .corpus import char_accuracy, exact_match
 from .data import Example
-from .model import MultiHeadGPT2
+from .model import GPT2 as MultiHeadGPT2  # the network (type hints only)
 from .packing import PackedExample, collate, pack_examples, packed_loss
 from .prompt import check_vocab
 

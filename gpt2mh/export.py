@@ -12,9 +12,9 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .model import MultiHeadGPT2
 from .atomic import atomic_dir, atomic_save_file, atomic_write_text, fsync_path
-from .weights import SAFETENSORS
+from .model import GPT2
+from .weights import SAFETENSORS, load_model
 
 EXPORT_KEY = "gpt2mh_export"  # safetensors metadata of an export: the head it came from
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -25,7 +25,7 @@ SPECIAL_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", 
                  "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 
-def export_hf(model: MultiHeadGPT2, head: str, out_dir: str | Path, tokenizer=None, *,
+def export_hf(model: GPT2, head: str, out_dir: str | Path, tokenizer=None, *,
               overwrite: bool = False, inputs=()) -> Path:
     """Write head `head` of `model` as a transformers GPT-2 folder at `out_dir`; returns its path.
 
@@ -54,16 +54,16 @@ def export_hf_from_checkpoint(src: str | Path, head: str, out_dir: str | Path, *
     """A gpt2mh (or HF) checkpoint -> `export_hf` of one head, with the checkpoint's own spiece.model
     if it has one, else the packaged rinna tokenizer."""
     from .hub import resolve_checkpoint
-    from .tokenizer import MODEL_NAME, Tokenizer
+    from .tokenizer import Tokenizer
 
     folder = resolve_checkpoint(src)
-    model = MultiHeadGPT2.from_pretrained(folder)
-    tokenizer = Tokenizer.from_pretrained(folder if (folder / MODEL_NAME).is_file() else None)
+    model = load_model(folder)
+    tokenizer = Tokenizer.for_model(folder)
     return export_hf(model, head, out_dir, tokenizer, overwrite=overwrite, inputs=[folder])
 
 
 # ---- contents ---------------------------------------------------------------------------------
-def hf_config(model: MultiHeadGPT2) -> dict:
+def hf_config(model: GPT2) -> dict:
     # to_hf_dict: GPT-2 settings (dropouts, bos/eos/pad ids included), model_type, architectures,
     # tie_word_embeddings=false (the head is its own tensor, not wte).
     d = model.config.to_hf_dict()
@@ -71,7 +71,7 @@ def hf_config(model: MultiHeadGPT2) -> dict:
     return d
 
 
-def write_weights(model: MultiHeadGPT2, index: int, path: Path) -> None:
+def write_weights(model: GPT2, index: int, path: Path) -> None:
     # Trunk keys are already HF's (`transformer.h.0.attn.c_attn.weight`, ...); the head goes from
     # Conv1D [C, V] to nn.Linear's lm_head [V, C].
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "heads"}
@@ -79,7 +79,7 @@ def write_weights(model: MultiHeadGPT2, index: int, path: Path) -> None:
     atomic_save_file(tensors, path, metadata={"format": "pt", EXPORT_KEY: model.head_names[index]})
 
 
-def check_tokenizer(model: MultiHeadGPT2, tokenizer) -> None:
+def check_tokenizer(model: GPT2, tokenizer) -> None:
     c = model.config
     if tokenizer.vocab_size > c.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .inputs import prompt_batch, prompt_width
-from .model import MultiHeadGPT2, attention_mask_4d, position_ids_from_mask
-from .prompt import check_vocab
-from .sampling import SamplingConfig, build_controls, check_finite, process, sample
+from .linear import prepack_model
+from .model import GPT2, attention_mask_4d, position_ids_from_mask
+from .prompt import check_vocab, encode_prompts
+from .sampling import SamplingConfig, build_controls, has_nonfinite, process, sample
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
 LEN_BUCKET = 64  # cache length is rounded up to this, so new prompt lengths reuse the compiled step
@@ -53,7 +54,7 @@ class Fixed(NamedTuple):
     slot_valid: Tensor  # (S, L) bool: False at a prompt's left padding
 
 
-def decode_one_token(model: MultiHeadGPT2, fixed: Fixed, state: DecodeState, noise: Tensor | None,
+def decode_one_token(model: GPT2, fixed: Fixed, state: DecodeState, noise: Tensor | None,
                      controls, plan) -> DecodeState:
     """One token for every stream: the trunk on each stream's newest token, all heads at once."""
     S = state.history.size(0)
@@ -83,7 +84,7 @@ NON_FINITE, NOTHING_LEFT = 1, 2  # bits of bad_rows
 def bad_rows(logits, scores, unfinished):
     """(S,) long flags of live streams: NaN/+inf logits, or every token banned (argmax would emit a
     banned id). Checked on the host every CHECK_EVERY steps."""
-    flags = check_finite(logits).long() | (scores.isneginf().all(-1).long() * NOTHING_LEFT)
+    flags = has_nonfinite(logits).long() | (scores.isneginf().all(-1).long() * NOTHING_LEFT)
     return flags * unfinished
 
 
@@ -161,7 +162,7 @@ class Streams:
         return (self.prompt_of() < self.B) & (s % self.R < R_of)
 
 
-def head_configs(model: MultiHeadGPT2, names: Sequence[str], controls: dict, per_head: Mapping | None,
+def head_configs(model: GPT2, names: Sequence[str], controls: dict, per_head: Mapping | None,
                  eos_default: int, pad_default: int) -> list[SamplingConfig]:
     if per_head is not None and not isinstance(per_head, Mapping):
         raise TypeError(f"per_head must map head names to controls, e.g. per_head={{'{names[0]}': "
@@ -199,7 +200,7 @@ def head_configs(model: MultiHeadGPT2, names: Sequence[str], controls: dict, per
     return out
 
 
-def selected_heads(model: MultiHeadGPT2, idx: list[int]) -> Tensor:
+def selected_heads(model: GPT2, idx: list[int]) -> Tensor:
     """(N', C, V) heads for a subset: kept on the model until the heads change, so a CUDA graph sees
     the same address each call (a new copy per call would be copied into the graph every step)."""
     if idx == list(range(len(model.head_names))):
@@ -217,7 +218,7 @@ def _is_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
-def use_compile(compile: bool | None, model: MultiHeadGPT2) -> bool:
+def use_compile(compile: bool | None, model: GPT2) -> bool:
     # Default: compile on CUDA (the step becomes one CUDA graph). On CPU compiling costs 10-100 s
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
     if compile and model.quantized:
@@ -226,7 +227,7 @@ def use_compile(compile: bool | None, model: MultiHeadGPT2) -> bool:
     return model.device.type == "cuda" if compile is None else bool(compile)
 
 
-def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, per_head, compile: bool):
+def prepare(model: GPT2, input_ids, attention_mask, heads, controls, per_head, compile: bool):
     # Lists, numpy, BatchEncoding, right or left padding -> left-padded (B, T) LongTensors.
     input_ids, attention_mask = prompt_batch(input_ids, attention_mask, model.config.vocab_size)
     cfg = model.config
@@ -259,7 +260,7 @@ def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, pe
 
 # ---- the loop ---------------------------------------------------------------------------------
 @torch.no_grad()
-def prefill(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> Tensor:
+def prefill(model: GPT2, st: Streams, input_ids, attention_mask) -> Tensor:
     """Run the Bp prompts (Bp, T) once, fill the first Bp cache rows, fan them out to the S streams.
 
     Returns the last position's hidden state of every stream, (S, C)."""
@@ -269,6 +270,7 @@ def prefill(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> Ten
     key_valid[:, :T] = attention_mask.bool()
     query = torch.arange(T, device=dev)
     model.setup_cache(st.S, st.L)
+    prepack_model(model, st.S)  # the decode step's S-row GEMMs (gpt2mh.linear)
     h = model.hidden(input_ids, position_ids_from_mask(attention_mask), attention_mask_4d(key_valid, query),
                      query)[:, -1]  # (Bp, C): last position only
     src = st.prompt_of().to(dev)
@@ -276,7 +278,7 @@ def prefill(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> Ten
     return h[src]
 
 
-def initial_state(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) -> tuple[Fixed, DecodeState]:
+def initial_state(model: GPT2, st: Streams, input_ids, attention_mask) -> tuple[Fixed, DecodeState]:
     """The per-call constants and the state before the first token (input_pos = the last prompt slot)."""
     dev = model.device
     S, T, L = st.S, st.T, st.L
@@ -296,7 +298,7 @@ def initial_state(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask) 
 
 
 @torch.no_grad()  # also holds across the generator's yields
-def decode_loop(model: MultiHeadGPT2, st: Streams, input_ids, attention_mask, compile: bool,
+def decode_loop(model: GPT2, st: Streams, input_ids, attention_mask, compile: bool,
                 generator: torch.Generator | None) -> Iterator[DecodeState]:
     """Yields the state after each new token. A consumer must read what it needs from a state
     before asking for the next one: a CUDA graph replay overwrites the previous step's outputs."""
@@ -359,7 +361,7 @@ def make_generator(seed: int | None, generator: torch.Generator | None, device) 
 
 
 @contextlib.contextmanager
-def decoding(model: MultiHeadGPT2, input_ids, attention_mask, heads, per_head, compile, seed, generator,
+def decoding(model: GPT2, input_ids, attention_mask, heads, per_head, compile, seed, generator,
              controls) -> Iterator[tuple[Streams, Iterator[DecodeState]]]:
     """Set-up and tear-down shared by generate and stream: eval mode, the KV cache, the generator.
 
@@ -379,11 +381,11 @@ def decoding(model: MultiHeadGPT2, input_ids, attention_mask, heads, per_head, c
         model.train(was_training)
 
 
-def generate(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def generate(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              heads: Sequence[str] | None = None, *, per_head: Mapping | None = None, compile: bool | None = None,
              seed: int | None = None, generator: torch.Generator | None = None,
              **controls) -> dict[str, torch.Tensor]:
-    """Continue each (left-padded) prompt with every selected head; see `MultiHeadGPT2.generate`."""
+    """Continue each (left-padded) prompt with every selected head; see `gpt2mh.GPT2.generate`."""
     with decoding(model, input_ids, attention_mask, heads, per_head, compile, seed, generator, controls) as (st, loop):
         max_new = max(c.max_new_tokens for c in st.configs)
         tokens = torch.empty(st.S, max_new, dtype=torch.long, device=model.device)
@@ -442,7 +444,7 @@ def _token_id(t) -> int:
 
 
 # ---- streaming --------------------------------------------------------------------------------
-def stream(model: MultiHeadGPT2, tokenizer, input_ids, attention_mask=None, heads=None, *, per_head=None,
+def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *, per_head=None,
            compile: bool | None = None, seed=None, generator=None, **controls) -> Iterator[tuple[str, int, str]]:
     """Yields (head, row, new_text) as each head's text grows (one host sync per step).
 
@@ -473,11 +475,9 @@ def stream(model: MultiHeadGPT2, tokenizer, input_ids, attention_mask=None, head
 
 
 # ---- text in, text out ------------------------------------------------------------------------
-def generate_text(model: MultiHeadGPT2, tokenizer, texts: str | Sequence[str], heads=None,
+def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None,
                   **kwargs) -> dict[str, list[str]] | dict[str, list[list[str]]]:
     """Strings in, per head the decoded strings out (a list per input when num_return_sequences > 1)."""
-    from .prompt import encode_prompts
-
     single = isinstance(texts, str)
     input_ids, mask = encode_prompts(tokenizer, [texts] if single else list(texts), model)
     out = generate(model, input_ids, mask, heads, **kwargs)

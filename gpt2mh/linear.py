@@ -16,10 +16,16 @@ So: M = 1 keeps `addmm` (a GEMV already streams the weight); M >= 2 in inference
 weight (what inductor's `freezing` emits for fp32 linears), which also gives bit-identical results
 to `addmm` on these shapes (max |diff| 0.0 measured), so greedy ids do not move. Fallback: `addmm`
 (no MKL, not CPU fp32, gradients on, under torch.compile — inductor cannot lower a packed MKL
-tensor as a graph input — or a pack that no longer matches the weight)."""
+tensor as a graph input — or a pack that no longer matches the weight).
+
+A pack is what `Conv1D.pack` holds: called as `pack(x, weight, bias)`, it routes through `linear`,
+which uses `pack.kernel` only where it applies. The network never imports this module: the decode
+loop calls `prepack_model` after setting up the KV cache."""
 from __future__ import annotations
 
 import torch
+
+from .model import Conv1D
 
 MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
@@ -46,23 +52,43 @@ class Prepacked:
         # An optimizer step or load_state_dict bumps _version; `p.data = t` changes data_ptr.
         return self.rows == rows and self.version == weight._version and self.data_ptr == weight.data_ptr()
 
+    def kernel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(x, self.packed, weight.t(), bias, self.rows)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return linear(x, weight, bias, self)
+
 
 def _no_pack():
     return None
 
 
 def prepack(weight: torch.Tensor, rows: int, old: Prepacked | None = None) -> Prepacked | None:
-    """The packed weight for `rows`-row inference inputs, or None where `addmm` is the best kernel."""
+    """The packed weight for `rows`-row inference inputs, or None where `addmm` is the best kernel.
+
+    Another kind of pack (int8 mode) is kept: it holds its own weights."""
+    if old is not None and not isinstance(old, Prepacked):
+        return old
     if rows < 2 or not MKL_PACKED or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
     return old if old is not None and old.matches(weight, rows) else Prepacked(weight, rows)
 
 
+def prepack_layer(layer: Conv1D, rows: int) -> None:
+    layer.pack = prepack(layer.weight, rows, layer.pack)
+
+
+def prepack_model(model, rows: int) -> None:
+    """Repack the trunk's linear weights for `rows`-row inference inputs (the decode step's S
+    streams). Kept across calls and rebuilt when a weight changes."""
+    for m in model.transformer.modules():
+        if isinstance(m, Conv1D):
+            prepack_layer(m, rows)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pack=None) -> torch.Tensor:
-    """(M, in) @ [in, out] + (out,) -> (M, out)."""
+    """(M, in) @ [in, out] + (out,) -> (M, out): the one kernel dispatch."""
     if pack is not None and not torch.compiler.is_compiling() and not torch.is_grad_enabled() \
             and pack.matches(weight, x.size(0)):
-        if isinstance(pack, Prepacked):
-            return torch.ops.mkl._mkl_linear(x, pack.packed, weight.t(), bias, pack.rows)
-        return pack(x)  # an int8 weight (`gpt2mh.quantize`): any row count
+        return pack.kernel(x, weight, bias)  # packed fp32 (rows fixed), or int8 (any row count)
     return torch.addmm(bias, x, weight)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -11,28 +10,25 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
-from .linear import Prepacked, linear, prepack
-from .quantize import Int8Heads, Int8Linear
+
 
 class Conv1D(nn.Module):
     """HF GPT-2's linear layer: weight stored [in, out], y = x @ W + b.
 
     Keeping this layout makes loading a pure rename, and x @ W with W [in, out] is also the faster
-    memory order for these shapes on CPU. The kernel is picked by `gpt2mh.linear` (few-row decode
-    GEMMs use a weight prepacked by `prepack(rows)`, set up with the KV cache)."""
+    memory order for these shapes on CPU. `pack` is a pluggable kernel `pack(x, weight, bias)` set
+    from outside the network (a prepacked few-row weight, `gpt2mh.linear`; int8, `gpt2mh.quantize`);
+    it falls back to `addmm` itself whenever it does not apply."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        self.pack: Prepacked | None = None
-
-    def prepack(self, rows: int) -> None:
-        if not isinstance(self.pack, Int8Linear):  # int8 mode keeps its weights
-            self.pack = prepack(self.weight, rows, self.pack)
+        self.pack = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x.reshape(-1, x.size(-1)), self.weight, self.bias, self.pack)  # (M, out)
+        x2 = x.reshape(-1, x.size(-1))  # (M, in)
+        y = torch.addmm(self.bias, x2, self.weight) if self.pack is None else self.pack(x2, self.weight, self.bias)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -79,7 +75,7 @@ class Attention(nn.Module):
                 raise ValueError("with a KV cache, pass a (B, 1, T, L) bool attention mask")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, L, hs)
         dropout = self.attn_pdrop if self.training else 0.0
-        # mask None: plain causal self-attention (training without padding takes the fast kernel)
+        # mask None: plain causal self-attention (forward() without padding; the trainer always passes a mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -133,10 +129,12 @@ def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask_4d(attention_mask.bool(), torch.arange(T, device=attention_mask.device))
 
 
-class MultiHeadGPT2(nn.Module):
+class GPT2(nn.Module):
     """One GPT-2 trunk (`transformer.*`, HF names) and N heads in one tensor `heads` [N, n_embd, vocab].
 
     Each head is a full LM head in Conv1D layout; every head's logits come from one batched matmul.
+    The network only: loading, saving, generation and int8 mode live in modules above this one
+    (the user-facing `gpt2mh.MultiHeadGPT2` adds them as HF-style methods).
     """
 
     def __init__(self, config: GPT2Config, head_names: Sequence[str] = ("lm",)):
@@ -154,7 +152,7 @@ class MultiHeadGPT2(nn.Module):
         )
         self.heads = nn.Parameter(torch.empty(len(self.head_names), config.n_embd, config.vocab_size))
         self.gradient_checkpointing = False
-        self.int8_heads: Int8Heads | None = None  # set by quantize("int8")
+        self.int8_heads = None  # the heads' int8 kernel, set by gpt2mh.quantize
         self.reset_parameters()
 
     # ---- construction -------------------------------------------------------------------------
@@ -174,57 +172,6 @@ class MultiHeadGPT2(nn.Module):
                 nn.init.ones_(p)
         with torch.no_grad():
             self.heads.copy_(self.transformer.wte.weight.t().unsqueeze(0).expand_as(self.heads))
-
-    @classmethod
-    def from_pretrained(cls, src: str | Path, heads: Sequence[str] | None = None, *, revision: str | None = None,
-                        device=None, dtype: torch.dtype | None = None,
-                        quantize: str | None = None) -> "MultiHeadGPT2":
-        """Load a HF GPT-2 checkpoint or a gpt2mh checkpoint from a folder or a hub repo id.
-
-        heads=None keeps a gpt2mh checkpoint's heads, or gives one head "lm" for a HF checkpoint;
-        a list of names gives those heads, each new name an untied copy of the pretrained LM head;
-        quantize="int8": inference with int8 weights (see `quantize`)."""
-        from .hub import resolve_checkpoint
-        from .weights import load_model
-
-        model = load_model(resolve_checkpoint(src, revision=revision), heads, device=device, dtype=dtype)
-        return model.quantize(quantize) if quantize else model
-
-    def save_pretrained(self, folder: str | Path, **kwargs) -> Path:
-        from .weights import save_model
-
-        return save_model(self, folder, **kwargs)
-
-    def generate(self, input_ids, attention_mask=None, heads=None, **kwargs) -> dict[str, torch.Tensor]:
-        """Continue every prompt with every selected head in one pass (see `gpt2mh.generate`).
-
-        Controls (HF names) apply to all heads; `per_head={"name": {...}}` overrides them per head.
-        Returns {head: LongTensor (B * num_return_sequences, new_tokens)}, pad after a stream ends."""
-        from .generate import generate
-
-        return generate(self, input_ids, attention_mask, heads, **kwargs)
-
-    def score(self, input_ids, attention_mask, target_ids, target_mask=None, heads=None) -> torch.Tensor:
-        """log p(target | prompt) summed per row, for every head: (N, B) (see `gpt2mh.score`)."""
-        from .score import score
-
-        return score(self, input_ids, attention_mask, target_ids, target_mask, heads)
-
-    def quantize(self, mode: str | None = "int8") -> "MultiHeadGPT2":
-        """Inference with int8 weights: every trunk linear and every head stored as int8 with a
-        per-output-channel scale (embeddings, LayerNorms, biases stay fp32). The fp32 parameters
-        are kept (saving and training use them); a changed weight drops back to its fp32 kernel.
-        mode=None: back to exact fp32. Error vs fp32: see README (int8 mode)."""
-        if mode not in ("int8", None):
-            raise ValueError(f"quantize(mode={mode!r}): supported modes are 'int8' and None (fp32)")
-        if mode == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
-            raise ValueError(f"quantize('int8') needs a CPU float32 model (this one is {self.device.type} "
-                             f"{self.dtype}); int8 kernels are CPU-only here")
-        for m in self.transformer.modules():
-            if isinstance(m, Conv1D):
-                m.pack = Int8Linear(m.weight, m.bias) if mode else None
-        self.int8_heads = Int8Heads(self.heads, version=self.heads._version) if mode else None
-        return self
 
     @property
     def quantized(self) -> str | None:
@@ -265,14 +212,6 @@ class MultiHeadGPT2(nn.Module):
             if cache is None or cache.k_cache.shape != (batch_size, c.n_head, max_len, c.head_dim) \
                     or cache.k_cache.dtype != self.dtype or cache.k_cache.device != self.device:
                 block.attn.kv_cache = KVCache(batch_size, c.n_head, max_len, c.head_dim, self.dtype, self.device)
-        self.prepack(batch_size)
-
-    def prepack(self, rows: int) -> None:
-        """Repack the trunk's linear weights for `rows`-row inference inputs (the decode step's S
-        streams). Kept across calls and rebuilt when a weight changes (see `gpt2mh.linear`)."""
-        for m in self.transformer.modules():
-            if isinstance(m, Conv1D):
-                m.prepack(rows)
 
     def clear_cache(self) -> None:
         for block in self.transformer.h:
@@ -300,11 +239,12 @@ class MultiHeadGPT2(nn.Module):
     def head_logits(self, h: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """Every head on the same hidden states: (..., C) -> (N, ..., V), one batched matmul."""
         heads = self.heads if heads is None else heads
-        if isinstance(heads, Int8Heads):
-            return heads.matmul(h.reshape(1, -1, h.size(-1)).expand(heads.size(0), -1, -1)).view(
-                heads.size(0), *h.shape[:-1], -1)
         flat = h.reshape(1, -1, h.size(-1))  # (1, M, C) broadcast over the N heads
-        return torch.matmul(flat, heads).view(heads.size(0), *h.shape[:-1], heads.size(-1))
+        if isinstance(heads, torch.Tensor):
+            y = torch.matmul(flat, heads)  # (N, M, V)
+        else:  # a head kernel (int8 mode, gpt2mh.quantize): (N, M, C) -> (N, M, V)
+            y = heads.matmul(flat.expand(heads.size(0), -1, -1))
+        return y.view(heads.size(0), *h.shape[:-1], -1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> logits (N, B, T, V) of every head. Left padding: pass attention_mask."""

@@ -216,10 +216,6 @@ class LossOutput:
     head_sums: torch.Tensor   # (N,) summed cross-entropy per head, detached, fp32
     head_tokens: torch.Tensor  # (N,) labels per head in this batch
 
-    @property
-    def head_loss(self) -> torch.Tensor:
-        return self.head_sums / self.head_tokens.clamp(min=1)  # (N,) mean per head (0 where no label)
-
 
 def packed_loss(model, batch: Batch, weights: torch.Tensor | None = None,
                 denominators: torch.Tensor | None = None, scale: float = 1.0) -> LossOutput:
@@ -247,9 +243,10 @@ def packed_loss(model, batch: Batch, weights: torch.Tensor | None = None,
     return LossOutput(loss * scale, torch.stack(sums).float().cpu(), counts)
 
 
-class PackedLM(nn.Module):
-    """The model with the packed loss as its forward, so DistributedDataParallel can wrap it
-    (DDP hooks `forward`; the loss reads the trunk and the heads tensor directly)."""
+class PackedLoss(nn.Module):
+    """`packed_loss` as a module (not a language model): its forward is the loss, so
+    DistributedDataParallel can wrap it (DDP hooks `forward`; the loss reads the trunk and the
+    heads tensor directly)."""
 
     def __init__(self, model):
         super().__init__()

@@ -12,6 +12,9 @@ import warnings
 
 import torch
 
+from .linear import linear
+from .model import GPT2, Conv1D
+
 ENGINES = ("fbgemm", "x86", "onednn")
 
 
@@ -30,7 +33,8 @@ def quantize_weight(w_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class Int8Linear:
     """y = x @ W + b with W held as int8; built from Conv1D's [in, out] weight (fp32 kept untouched).
 
-    `matches` tells the dispatch whether the fp32 weight changed since (then it is not used)."""
+    A `Conv1D.pack`: `matches` tells the dispatch (`gpt2mh.linear`) whether the fp32 weight changed
+    since (then it is not used)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         with torch.no_grad():
@@ -51,7 +55,11 @@ class Int8Linear:
     def matches(self, weight: torch.Tensor, rows: int | None = None) -> bool:
         return self.version == weight._version and self.data_ptr == weight.data_ptr()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return linear(x, weight, bias, self)
+
+    def kernel(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        """x @ W + b with the int8 W and the bias it was built with."""
         if self.engine is not None:
             return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed)
         y = (x.float() @ self.q.t().float()) * self.scale
@@ -76,7 +84,24 @@ class Int8Heads:
 
     def matmul(self, h: torch.Tensor) -> torch.Tensor:
         """(N, M, C) -> (N, M, V): each head at its own streams' rows."""
-        return torch.stack([lin(x) for lin, x in zip(self.linears, h.unbind(0))])
+        return torch.stack([lin.kernel(x) for lin, x in zip(self.linears, h.unbind(0))])
 
     def __deepcopy__(self, memo):
         return None
+
+
+def quantize_model(model: GPT2, mode: str | None = "int8") -> GPT2:
+    """Inference with int8 weights: every trunk linear and every head stored as int8 with a
+    per-output-channel scale (embeddings, LayerNorms, biases stay fp32). The fp32 parameters
+    are kept (saving and training use them); a changed weight drops back to its fp32 kernel.
+    mode=None: back to exact fp32. Error vs fp32: see README (int8 mode)."""
+    if mode not in ("int8", None):
+        raise ValueError(f"quantize(mode={mode!r}): supported modes are 'int8' and None (fp32)")
+    if mode == "int8" and (model.device.type != "cpu" or model.dtype != torch.float32):
+        raise ValueError(f"quantize('int8') needs a CPU float32 model (this one is {model.device.type} "
+                         f"{model.dtype}); int8 kernels are CPU-only here")
+    for m in model.transformer.modules():
+        if isinstance(m, Conv1D):
+            m.pack = Int8Linear(m.weight, m.bias) if mode else None
+    model.int8_heads = Int8Heads(model.heads, version=model.heads._version) if mode else None
+    return model

@@ -29,7 +29,7 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
     half-trained model is not evaluated; `command` is how to continue it."""
     from .checkpoint import list_checkpoints
     from .evaluate import evaluate_file
-    from .model import MultiHeadGPT2
+    from .api import MultiHeadGPT2
     from .tokenizer import Tokenizer
     from .train import TrainConfig, train
 

@@ -223,7 +223,7 @@ class Controls(NamedTuple):
 
     do_sample: Tensor  # [S] bool
     temperature: Tensor  # [S] f32, 1 = off
-    top_k: Tensor  # [S] long: min(k, V) - 1, the k-th largest's index in a top-(plan.top_k); plan.top_k = off
+    top_k_index: Tensor  # [S] long: min(k, V) - 1, the k-th largest's index in a top-(plan.top_k); plan.top_k = off
     top_p_cut: Tensor  # [S] f32: HF's `1 - top_p`, cumulative probs <= cut are removed; -1 = off
     min_p: Tensor  # [S] f32, 0 = off
     typical_p: Tensor  # [S] f32 mass, 2 = off
@@ -289,7 +289,7 @@ def build_controls(
     controls = Controls(
         do_sample=per_stream([c.do_sample for c in configs], torch.bool),
         temperature=per_stream([sampled(c, True, c.temperature, 1.0) for c in configs], torch.float32),
-        top_k=per_stream([sampled(c, c.top_k > 0, min(c.top_k, V) - 1, kmax) for c in configs], torch.long),
+        top_k_index=per_stream([sampled(c, c.top_k > 0, min(c.top_k, V) - 1, kmax) for c in configs], torch.long),
         top_p_cut=per_stream([sampled(c, c.top_p < 1, 1 - c.top_p, _TOP_P_OFF) for c in configs], torch.float32),
         min_p=per_stream([sampled(c, True, c.min_p, 0.0) for c in configs], torch.float32),
         typical_p=per_stream([sampled(c, c.typical_p < 1, c.typical_p, _TYPICAL_OFF) for c in configs],
@@ -386,7 +386,7 @@ def _warp(scores: Tensor, c: Controls, plan: Plan) -> Tensor:
         scores = scores / c.temperature[:, None]
     if plan.top_k:  # k-th largest of each stream from one top-(max k); the extra -inf column is "off"
         top = F.pad(scores.topk(plan.top_k).values, (0, 1), value=_NEG_INF)
-        scores = scores.masked_fill(scores < top.gather(1, c.top_k[:, None]), _NEG_INF)
+        scores = scores.masked_fill(scores < top.gather(1, c.top_k_index[:, None]), _NEG_INF)
     if plan.top_p:  # sort exactly what HF sorts, so tied tokens at the cut fall the same way
         asc, order = scores.sort(-1)
         drop = asc.softmax(-1).cumsum(-1) <= c.top_p_cut[:, None]
@@ -417,6 +417,6 @@ def sample(scores: Tensor, noise: Tensor, c: Controls) -> Tensor:
     return torch.where(c.do_sample, race.argmax(-1), scores.argmax(-1))
 
 
-def check_finite(scores: Tensor) -> Tensor:
+def has_nonfinite(scores: Tensor) -> Tensor:
     """[S] bool: True where a row holds a NaN or +inf (unusable; the caller raises outside the graph)."""
     return (scores.isnan() | scores.isposinf()).any(-1)

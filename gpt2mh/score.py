@@ -6,12 +6,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import MultiHeadGPT2, padded_causal_mask, position_ids_from_mask
+from .model import GPT2, padded_causal_mask, position_ids_from_mask
 from .inputs import prompt_batch
 
 
 @torch.no_grad()
-def score(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def score(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
           target_ids: torch.Tensor, target_mask: torch.Tensor | None = None,
           heads: Sequence[str] | None = None) -> torch.Tensor:
     """Sum of log p(target | prompt) per head and row: (N, B).
@@ -49,7 +49,7 @@ def score(model: MultiHeadGPT2, input_ids: torch.Tensor, attention_mask: torch.T
     return torch.zeros(len(idx), B, device=dev).index_add_(1, rows, tok_logp)
 
 
-def score_text(model: MultiHeadGPT2, tokenizer, inputs: Sequence[str], continuations: Sequence[str],
+def score_text(model: GPT2, tokenizer, inputs: Sequence[str], continuations: Sequence[str],
                heads: Sequence[str] | None = None) -> dict[str, list[float]]:
     """Strings in (one continuation per input), per head the log-likelihoods out, in the training format."""
     from .prompt import check_vocab, encode_prompts, encode_target

@@ -9,9 +9,7 @@ marked "HF:".
 from __future__ import annotations
 
 import numbers
-import os
 import re
-import secrets
 from pathlib import Path
 
 import sentencepiece as spm
@@ -81,6 +79,12 @@ class Tokenizer:
                 f"no tokenizer at {path}: need a folder holding {MODEL_NAME} or the path of a .model file"
             )
         return cls(path)
+
+    @classmethod
+    def for_model(cls, folder: str | Path) -> Tokenizer:
+        """The tokenizer of a model folder: its own spiece.model, else the packaged rinna one."""
+        own = Path(folder) / MODEL_NAME
+        return cls(own if own.is_file() else PACKAGED_MODEL)
 
     @property
     def vocab_size(self) -> int:

@@ -27,6 +27,7 @@ import threading
 import time
 import tomllib
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 from functools import partial
 from pathlib import Path
 
@@ -38,14 +39,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write_text
 from .config import GPT2Config
 from .data import Example, read_examples, split_examples
-from .model import Attention, MultiHeadGPT2
-from .packing import TRUNCATION, PackedLM, collate, pack_examples
+from .model import GPT2, Attention, check_head_names
+from .packing import TRUNCATION, PackedExample, PackedLoss, collate, pack_examples
 from .prompt import check_vocab
 from .tokenizer import Tokenizer
 from .evaluate import DEFAULT_MAX_NEW_TOKENS, PROGRESS_SECONDS, evaluate
-from .weights import atomic_write_text, load_model
+from .weights import load_model, read_meta
 
 logger = logging.getLogger(__name__)
 SCHEDULES = ("cosine", "linear", "constant")
@@ -55,18 +57,27 @@ METRICS_FILE = "metrics.jsonl"
 # ---- configuration -------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
+    """One run's settings, by concern (the flat fields are the TOML/JSON file's keys). Checked by `check`."""
+    # data
     train_file: str
-    heads: list[str] | None = None             # the model's heads; None: those of a gpt2mh base
-    output_dir: str = "runs/gpt2mh"
-    base: str | None = None                    # HF folder / hub id / gpt2mh checkpoint; None: from scratch
-    model_config: dict | None = None           # GPT2Config fields for a model from scratch
-    tokenizer: str | None = None               # None: the base's spiece.model, else the packaged rinna one
     validation_file: str | None = None
     validation_fraction: float = 0.0           # held out of train_file when no validation_file
     input_column: str = "input"
     columns: dict[str, str] | None = None      # head -> column (default: the head's name)
     max_length: int | None = None              # per input + target; None: the model's n_positions
     truncation: str = "truncate"               # or "drop" (see gpt2mh.packing)
+    # model and heads
+    base: str | None = None                    # HF folder / hub id / gpt2mh checkpoint; None: from scratch
+    model_config: dict | None = None           # GPT2Config fields for a model from scratch
+    heads: list[str] | None = None             # the model's heads; None: those of a gpt2mh base
+    add_heads: list[str] | None = None         # new heads on the base, initialised from its LM head
+    train_heads: list[str] | None = None       # only these heads get a loss and change; None: all
+    tokenizer: str | None = None               # None: the base's spiece.model, else the packaged rinna one
+    freeze_trunk: bool = False
+    freeze_embeddings: bool = False
+    dropout: float | None = None               # overrides embd/attn/resid dropout of the base
+    gradient_checkpointing: bool = False
+    # optimisation
     batch_size: int = 8                        # examples per optimizer step, over all processes
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
@@ -80,27 +91,25 @@ class TrainConfig:
     min_lr_ratio: float = 0.0                  # where cosine/linear decay ends, as a fraction of the lr
     max_grad_norm: float | None = 1.0
     loss_weights: dict[str, float] | None = None  # head -> weight (default 1.0): Σ_k w_k · mean CE_k
-    freeze_trunk: bool = False
-    freeze_embeddings: bool = False
-    train_heads: list[str] | None = None       # only these heads get a loss and change; None: all
-    add_heads: list[str] | None = None         # new heads on the base, initialised from its LM head
-    bf16: bool | None = None                   # None: bf16 autocast on CUDA when supported
-    gradient_checkpointing: bool = False
-    dropout: float | None = None               # overrides embd/attn/resid dropout of the base
     seed: int = 42
+    # evaluation
     eval_every: int = 200                      # steps; 0: only at the end
     eval_samples: int = 32                     # validation rows generated greedily for EM / char acc
     eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # also what `gpt2mh eval` uses on this run's checkpoints
     eval_batch_size: int | None = None         # None: batch_size
-    save_every: int = 500                      # steps; 0: only at the end (and at a new best)
-    keep_last: int | None = 3                  # newest checkpoints kept (the best is always kept)
     metric_for_best: str = "loss"              # an evaluate() key, e.g. "reading/char_accuracy"
     greater_is_better: bool | None = None      # None: False for losses and perplexities
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    # checkpoints and logs
+    output_dir: str = "runs/gpt2mh"
+    save_every: int = 500                      # steps; 0: only at the end (and at a new best)
+    keep_last: int | None = 3                  # newest checkpoints kept (the best is always kept)
+    resume: bool | str = False                 # True: the latest checkpoint in output_dir; or a folder
     log_every: int = 10
     progress: bool = True                      # tqdm bar on a terminal, else a log line every ~15 s (rank 0)
-    resume: bool | str = False                 # True: the latest checkpoint in output_dir; or a folder
+    # hardware
     device: str | None = None                  # None: cuda if available, else cpu
+    bf16: bool | None = None                   # None: bf16 autocast on CUDA when supported
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -110,12 +119,16 @@ class TrainConfig:
         for name in ("heads", "train_heads", "add_heads"):
             names = getattr(self, name)
             if names is not None:
-                names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-                dup = sorted({n for n in names if names.count(n) > 1})
-                if dup:
-                    raise ValueError(f"{name}: duplicate head names {dup}")
-                setattr(self, name, names)
+                setattr(self, name, [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names))
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        self.check()
+
+    def check(self, model: GPT2 | None = None, device: torch.device | None = None, world: int = 1,
+              validation: bool | None = None) -> None:
+        """Every check of the settings, in this one place. Alone (at construction): what the
+        settings decide by themselves. With the model, the device and the process count (setup):
+        head names, lengths, bf16, the batch split. With `validation` (does the run have a
+        validation set?): the settings that need one."""
         checks = [
             (self.truncation in TRUNCATION, f"truncation must be one of {TRUNCATION}, got {self.truncation!r}"),
             (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}"),
@@ -145,9 +158,50 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("heads", "train_heads", "add_heads"):
+            if getattr(self, name):  # None / []: not given
+                try:
+                    check_head_names(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         bad = {h: w for h, w in (self.loss_weights or {}).items() if not (math.isfinite(w) and w >= 0)}
         if bad:
             raise ValueError(f"loss_weights must be finite and >= 0: {bad}")
+        if model is not None:
+            self._check_against(model, device, world)
+        if validation is not None:
+            self._check_validation(model, validation)
+
+    def _check_against(self, model: GPT2, device: torch.device, world: int) -> None:
+        names = list(model.head_names)
+        for option in ("loss_weights", "columns"):
+            unknown = sorted(set(getattr(self, option) or {}) - set(names))
+            if unknown:
+                raise ValueError(f"{option} names unknown heads {unknown}; the model's heads: {names}")
+        trained = [names[i] for i in model.head_index(self.train_heads)]
+        if not any((self.loss_weights or {}).get(h, 1.0) for h in trained):
+            raise ValueError(f"loss_weights {self.loss_weights} give every trained head weight 0: nothing to learn")
+        if self.bf16 and device.type != "cuda":
+            raise ValueError("bf16 autocast is for CUDA; on CPU train in fp32 (bf16=false)")
+        n_positions = model.config.n_positions
+        if (self.max_length or n_positions) > n_positions:
+            raise ValueError(f"max_length={self.max_length} exceeds the model's n_positions={n_positions}")
+        need = self.gradient_accumulation_steps * world
+        if self.batch_size % need:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by gradient_accumulation_steps x "
+                             f"processes = {need}")
+
+    def _check_validation(self, model: GPT2, validation: bool) -> None:
+        if not validation and (self.early_stopping_patience or self.metric_for_best != "loss"):
+            raise ValueError("early stopping and metric_for_best need a validation set "
+                             "(validation_file or validation_fraction)")
+        trained = [model.head_names[i] for i in model.head_index(self.train_heads)]
+        kinds = ["loss", "perplexity", "tokens"] + (["exact_match", "char_accuracy"] if self.eval_samples else [])
+        known = ["loss"] + kinds[3:] + [f"{h}/{k}" for h in trained for k in kinds]
+        if validation and self.metric_for_best not in known:
+            close = difflib.get_close_matches(self.metric_for_best, known, n=1)
+            raise ValueError(f"metric_for_best={self.metric_for_best!r} is not an evaluation metric"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; one of {known}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -269,7 +323,7 @@ def setup_distributed(device: str | None) -> Dist:
 
 
 # ---- model, tokenizer, data ----------------------------------------------------------------------
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, list[str]]:
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[GPT2, list[str]]:
     """The model to fine-tune and the names of its new heads."""
     add = cfg.add_heads or []
     if cfg.base is None:
@@ -285,9 +339,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[MultiHeadGPT2, 
             raise ValueError(f"model_config: {e}; valid fields: {', '.join(valid)}") from None
         except ValueError as e:
             raise ValueError(f"model_config: {e}") from None
-        return MultiHeadGPT2(config, names), list(names)
-    from .weights import read_meta
-
+        return GPT2(config, names), list(names)
     folder = base_folder(cfg.base)
     meta = read_meta(folder)
     saved = list(meta["head_names"]) if meta else []
@@ -329,13 +381,11 @@ def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if cfg.tokenizer is not None:
         return Tokenizer.from_pretrained(cfg.tokenizer)
     if cfg.base is not None:
-        folder = base_folder(cfg.base)
-        if (folder / "spiece.model").is_file():
-            return Tokenizer.from_pretrained(folder)
+        return Tokenizer.for_model(base_folder(cfg.base))
     return Tokenizer.from_pretrained(None)  # rinna's, packaged
 
 
-def set_dropout(model: MultiHeadGPT2, p: float) -> None:
+def set_dropout(model: GPT2, p: float) -> None:
     model.config = dataclasses.replace(model.config, embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -365,7 +415,7 @@ def _log_report(text: str, problems: bool) -> None:
 
 
 # ---- optimisation --------------------------------------------------------------------------------
-def freeze(model: MultiHeadGPT2, cfg: TrainConfig) -> list[int]:
+def freeze(model: GPT2, cfg: TrainConfig) -> list[int]:
     """Set requires_grad from the freeze options; returns the indices of the frozen heads."""
     for name, p in model.transformer.named_parameters():
         embedding = name.startswith(("wte.", "wpe."))
@@ -374,7 +424,7 @@ def freeze(model: MultiHeadGPT2, cfg: TrainConfig) -> list[int]:
     return [k for k in range(len(model.head_names)) if k not in train_idx]
 
 
-def make_optimizer(model: MultiHeadGPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -450,235 +500,280 @@ class StopSignal:
             signal.signal(sig, old)
 
 
+@dataclass
+class HeadPlan:
+    """The run's heads: all of them, the trained ones, the frozen ones, and each head's loss weight."""
+    names: list[str]
+    trained: list[str]
+    frozen: list[int]                  # head indices; their weights are put back after every step
+    frozen_copy: torch.Tensor | None   # (len(frozen), C, V)
+    weights: torch.Tensor              # (N,) loss weight per head
+
+
+@dataclass
+class RunData:
+    train: list[PackedExample]
+    val: list[PackedExample]
+    val_examples: list[Example]        # the validation rows themselves, for the generation metrics
+    label_counts: torch.Tensor         # (n, N) labels of each training example per head
+
+
+@dataclass
+class Progress:
+    """What changes from step to step; a checkpoint's training state restores it."""
+    step: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0                 # evaluations without improvement
+    last_checkpoint: Path | None = None
+
+
+@dataclass
 class Run:
-    """One training run: everything train() needs between steps."""
+    """A training run as `setup` builds it. `train_step` takes one optimizer step, `evaluate_run`
+    scores the validation set, `save` writes a checkpoint; `fit` drives them."""
+    cfg: TrainConfig
+    d: Dist
+    model: GPT2
+    tokenizer: Tokenizer
+    heads: HeadPlan
+    data: RunData
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    loss_module: nn.Module             # PackedLoss, wrapped in DistributedDataParallel across processes
+    bf16: bool
+    max_steps: int
+    progress: Progress
 
-    def __init__(self, cfg: TrainConfig, d: Dist):
-        self.cfg, self.d = cfg, d
-        self.out = Path(cfg.output_dir)
-        self.resume_from = self._resume_folder()
-        _seed_all(cfg.seed)
-        if self.resume_from is not None:
-            self.tokenizer = Tokenizer.from_pretrained(self.resume_from)
-            self.model, new_heads = load_model(self.resume_from), []
-            check_resume_heads(cfg, self.resume_from, list(self.model.head_names))
-            logger.info("resuming from %s", self.resume_from)
-        else:
-            self.tokenizer = build_tokenizer(cfg)
-            self.model, new_heads = build_model(cfg, self.tokenizer)
-        model = self.model
-        check_vocab(self.tokenizer, model)
-        if new_heads and cfg.base is not None:
-            logger.info("new heads %s start as copies of the base's LM head", new_heads)
-        if cfg.dropout is not None:
-            set_dropout(model, cfg.dropout)
-        model.gradient_checkpointing = cfg.gradient_checkpointing
-        model.to(d.device).train()
-        self.head_names = list(model.head_names)
-        self.train_heads = [model.head_names[i] for i in model.head_index(cfg.train_heads)]
-        self.frozen_heads = freeze(model, cfg)
-        self.frozen_copy = model.heads.detach()[self.frozen_heads].clone() if self.frozen_heads else None
-        self.weights = torch.tensor([(cfg.loss_weights or {}).get(h, 1.0) for h in self.head_names])
-        for option in ("loss_weights", "columns"):
-            unknown = sorted(set(getattr(cfg, option) or {}) - set(self.head_names))
-            if unknown:
-                raise ValueError(f"{option} names unknown heads {unknown}; the model's heads: {self.head_names}")
-        if not any(self.weights[self.head_names.index(h)] for h in self.train_heads):
-            raise ValueError(f"loss_weights {cfg.loss_weights} give every trained head weight 0: nothing to learn")
-        self.bf16 = (d.device.type == "cuda" and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
-        if self.bf16 and d.device.type != "cuda":
-            raise ValueError("bf16 autocast is for CUDA; on CPU train in fp32 (bf16=false)")
-        self._load_data()
-        self.max_steps = cfg.max_steps if cfg.epochs is None else math.ceil(cfg.epochs * len(self.train) / cfg.batch_size)
-        self.optimizer = make_optimizer(model, cfg, d.device)
-        self.scheduler = make_scheduler(self.optimizer, cfg, self.max_steps)
-        self.loss_module = PackedLM(model)
-        if d.world > 1:
-            self.loss_module = nn.parallel.DistributedDataParallel(
-                self.loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
-        self.last_checkpoint: Path | None = None
-        if self.resume_from is not None:
-            self._restore()
-        else:
-            torch.manual_seed(cfg.seed + d.rank)  # dropout: one stream per process, fixed by the seed
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
 
-    # -- setup ----------------------------------------------------------------------------------
-    def _resume_folder(self) -> Path | None:
-        cfg = self.cfg
-        if cfg.resume is False:
-            if ckpt.list_checkpoints(self.out):
-                raise FileExistsError(f"{self.out} already holds checkpoints; resume with --resume "
-                                      f"(resume=True) or choose another output_dir")
-            return None
-        if cfg.resume is True:
-            found = ckpt.latest_checkpoint(self.out)
-            if found is None:
-                logger.warning("resume: no checkpoint in %s yet; starting from the beginning", self.out)
-            return found
-        return Path(cfg.resume)
 
-    def _load_data(self) -> None:
-        cfg = self.cfg
-        max_length = cfg.max_length or self.model.config.n_positions
-        if max_length > self.model.config.n_positions:
-            raise ValueError(f"max_length={max_length} exceeds the model's n_positions={self.model.config.n_positions}")
-        train, val = load_data(cfg, self.train_heads)
-        self.train, rep = pack_examples(train, self.tokenizer, self.head_names, max_length, cfg.truncation)
-        _log_report(f"{cfg.train_file}: {rep.summary()} (truncation={cfg.truncation!r})", not rep.clean)
-        if not self.train:
-            raise ValueError(f"{cfg.train_file}: no example fits max_length={max_length}")
-        self.val_examples = val
-        self.val, vrep = pack_examples(val, self.tokenizer, self.head_names, max_length, cfg.truncation)
-        if val:
-            _log_report(f"validation: {vrep.summary()}", not vrep.clean)
-        need = cfg.gradient_accumulation_steps * self.d.world
-        if cfg.batch_size % need:
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps x "
-                             f"processes = {need}")
-        self.label_counts = torch.stack([p.head_counts(len(self.head_names)) for p in self.train]).float()  # (n, N)
-        if not val and (cfg.early_stopping_patience or cfg.metric_for_best != "loss"):
-            raise ValueError("early stopping and metric_for_best need a validation set "
-                             "(validation_file or validation_fraction)")
-        kinds = ["loss", "perplexity", "tokens"] + (["exact_match", "char_accuracy"] if cfg.eval_samples else [])
-        known = ["loss"] + kinds[3:] + [f"{h}/{k}" for h in self.train_heads for k in kinds]
-        if val and cfg.metric_for_best not in known:
-            close = difflib.get_close_matches(cfg.metric_for_best, known, n=1)
-            raise ValueError(f"metric_for_best={cfg.metric_for_best!r} is not an evaluation metric"
-                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; one of {known}")
+class StepResult(NamedTuple):
+    head_loss: torch.Tensor            # (N,) mean loss of each head over the step's labels
+    grad_norm: float                   # before clipping
+    labels: torch.Tensor               # (N,) labelled target tokens of each head in the step
+    lengths: list[int]                 # packed length of each example of the step (all processes)
 
-    def _restore(self) -> None:
-        state, tensors = ckpt.load_training_state(self.resume_from)
-        self.optimizer.load_state_dict(tensors["optimizer"])
-        self.scheduler.load_state_dict(tensors["scheduler"])
-        self.step = state["step"]
-        self.best, self.best_step = state.get("best_metric"), state.get("best_step")
-        self.bad_evals = state.get("evals_without_improvement", 0)
-        self.last_checkpoint = self.resume_from
-        logger.info("resumed from step %d (%s)", self.step, self.resume_from)
-        for key in ("batch_size", "seed", "dataset_size"):
-            now = len(self.train) if key == "dataset_size" else getattr(self.cfg, key)
-            if state.get(key) != now:
-                logger.warning("resume: %s was %s, now %s: the data order differs from the interrupted run",
-                               key, state.get(key), now)
-        rng = ckpt.rank_rng(state, tensors, self.d.rank)
-        if rng is None or state.get("world_size") != self.d.world:
-            logger.warning("resume: the checkpoint was written by %s process(es), this run has %d: "
-                           "RNG streams are re-seeded", state.get("world_size"), self.d.world)
-            torch.manual_seed(self.cfg.seed + self.d.rank + self.step)
-        else:
-            ckpt.set_rng_state(rng)
 
-    # -- one optimizer step ----------------------------------------------------------------------
-    def train_step(self) -> tuple[torch.Tensor, float]:
-        """Returns the per-head mean losses of this step (N,) and the gradient norm."""
-        cfg, d = self.cfg, self.d
-        idx = step_indices(self.step, len(self.train), cfg.batch_size, cfg.seed)
-        denominators = self.label_counts[idx].sum(0)  # (N,) labels per head in the whole step
-        micro = shard(idx, cfg.gradient_accumulation_steps, d.world, d.rank)
-        sums = torch.zeros(len(self.head_names))
-        for m, rows in enumerate(micro):
-            batch = collate([self.train[i] for i in rows], self.tokenizer.pad_id, len(self.head_names)).to(d.device)
-            sync = m == len(micro) - 1 or d.world == 1
-            with (contextlib.nullcontext() if sync else self.loss_module.no_sync()):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                    loss, head_sums, _ = self.loss_module(batch, self.weights, denominators, float(d.world))
-                loss.backward()
-            sums += head_sums
-        head_loss = d.all_sum(sums) / denominators.clamp(min=1)
-        self._check_finite(head_loss, denominators)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.max_grad_norm:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        if not math.isfinite(norm):
-            self._diverged("the gradient norm", self._nonfinite_grad_heads())
-        self.optimizer.step()
-        if self.frozen_heads:  # one tensor holds every head: put the frozen ones back (weight decay)
-            with torch.no_grad():
-                self.model.heads[self.frozen_heads] = self.frozen_copy
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return head_loss, norm
+# ---- setup ---------------------------------------------------------------------------------------
+def setup(cfg: TrainConfig, d: Dist) -> Run:
+    """Model, tokenizer, data, optimiser, and the progress of the checkpoint resumed (if any)."""
+    resume_from = resume_folder(cfg)
+    _seed_all(cfg.seed)
+    if resume_from is not None:
+        tokenizer = Tokenizer.from_pretrained(resume_from)
+        model, new_heads = load_model(resume_from), []
+        check_resume_heads(cfg, resume_from, list(model.head_names))
+        logger.info("resuming from %s", resume_from)
+    else:
+        tokenizer = build_tokenizer(cfg)
+        model, new_heads = build_model(cfg, tokenizer)
+    check_vocab(tokenizer, model)
+    if new_heads and cfg.base is not None:
+        logger.info("new heads %s start as copies of the base's LM head", new_heads)
+    cfg.check(model, d.device, d.world)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.to(d.device).train()
+    heads = head_plan(model, cfg)
+    data = load_run_data(cfg, tokenizer, model, heads)
+    cfg.check(model, d.device, d.world, validation=bool(data.val))
+    max_steps = cfg.max_steps if cfg.epochs is None else math.ceil(cfg.epochs * len(data.train) / cfg.batch_size)
+    optimizer = make_optimizer(model, cfg, d.device)
+    loss_module = PackedLoss(model)
+    if d.world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    bf16 = (d.device.type == "cuda" and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
+    run = Run(cfg, d, model, tokenizer, heads, data, optimizer, make_scheduler(optimizer, cfg, max_steps),
+              loss_module, bf16, max_steps, Progress())
+    if resume_from is not None:
+        restore(run, resume_from)
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # dropout: one stream per process, fixed by the seed
+    return run
 
-    def _check_finite(self, head_loss: torch.Tensor, denominators: torch.Tensor) -> None:
-        bad = [h for k, h in enumerate(self.head_names) if denominators[k] > 0 and not math.isfinite(head_loss[k])]
+
+def resume_folder(cfg: TrainConfig) -> Path | None:
+    out = Path(cfg.output_dir)
+    if cfg.resume is False:
+        if ckpt.list_checkpoints(out):
+            raise FileExistsError(f"{out} already holds checkpoints; resume with --resume "
+                                  f"(resume=True) or choose another output_dir")
+        return None
+    if cfg.resume is True:
+        found = ckpt.latest_checkpoint(out)
+        if found is None:
+            logger.warning("resume: no checkpoint in %s yet; starting from the beginning", out)
+        return found
+    return Path(cfg.resume)
+
+
+def head_plan(model: GPT2, cfg: TrainConfig) -> HeadPlan:
+    frozen = freeze(model, cfg)
+    names = list(model.head_names)
+    return HeadPlan(names, [names[i] for i in model.head_index(cfg.train_heads)], frozen,
+                    model.heads.detach()[frozen].clone() if frozen else None,
+                    torch.tensor([(cfg.loss_weights or {}).get(h, 1.0) for h in names]))
+
+
+def load_run_data(cfg: TrainConfig, tokenizer: Tokenizer, model: GPT2, heads: HeadPlan) -> RunData:
+    max_length = cfg.max_length or model.config.n_positions
+    train_rows, val_rows = load_data(cfg, heads.trained)
+    train, rep = pack_examples(train_rows, tokenizer, heads.names, max_length, cfg.truncation)
+    _log_report(f"{cfg.train_file}: {rep.summary()} (truncation={cfg.truncation!r})", not rep.clean)
+    if not train:
+        raise ValueError(f"{cfg.train_file}: no example fits max_length={max_length}")
+    val, vrep = pack_examples(val_rows, tokenizer, heads.names, max_length, cfg.truncation)
+    if val_rows:
+        _log_report(f"validation: {vrep.summary()}", not vrep.clean)
+    label_counts = torch.stack([p.head_counts(len(heads.names)) for p in train]).float()  # (n, N)
+    return RunData(train, val, val_rows, label_counts)
+
+
+def restore(run: Run, folder: Path) -> None:
+    """The optimiser, scheduler, progress and RNG streams of the checkpoint at `folder`."""
+    state, tensors = ckpt.load_training_state(folder)
+    run.optimizer.load_state_dict(tensors["optimizer"])
+    run.scheduler.load_state_dict(tensors["scheduler"])
+    run.progress = Progress(state["step"], state.get("best_metric"), state.get("best_step"),
+                            state.get("evals_without_improvement", 0), folder)
+    step, d = run.progress.step, run.d
+    logger.info("resumed from step %d (%s)", step, folder)
+    for key in ("batch_size", "seed", "dataset_size"):
+        now = len(run.data.train) if key == "dataset_size" else getattr(run.cfg, key)
+        if state.get(key) != now:
+            logger.warning("resume: %s was %s, now %s: the data order differs from the interrupted run",
+                           key, state.get(key), now)
+    rng = ckpt.rank_rng(state, tensors, d.rank)
+    if rng is None or state.get("world_size") != d.world:
+        logger.warning("resume: the checkpoint was written by %s process(es), this run has %d: "
+                       "RNG streams are re-seeded", state.get("world_size"), d.world)
+        torch.manual_seed(run.cfg.seed + d.rank + step)
+    else:
+        ckpt.set_rng_state(rng)
+
+
+# ---- one optimizer step --------------------------------------------------------------------------
+def train_step(run: Run) -> StepResult:
+    """One optimizer step over `batch_size` examples (accumulated and data-parallel as configured)."""
+    cfg, d, heads = run.cfg, run.d, run.heads
+    N = len(heads.names)
+    idx = step_indices(run.progress.step, len(run.data.train), cfg.batch_size, cfg.seed)
+    denominators = run.data.label_counts[idx].sum(0)  # (N,) labels per head in the whole step
+    micro = shard(idx, cfg.gradient_accumulation_steps, d.world, d.rank)
+    sums = torch.zeros(N)
+    for m, rows in enumerate(micro):
+        batch = collate([run.data.train[i] for i in rows], run.tokenizer.pad_id, N).to(d.device)
+        sync = m == len(micro) - 1 or d.world == 1
+        with (contextlib.nullcontext() if sync else run.loss_module.no_sync()):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16):
+                loss, head_sums, _ = run.loss_module(batch, heads.weights, denominators, float(d.world))
+            loss.backward()
+        sums += head_sums
+    head_loss = d.all_sum(sums) / denominators.clamp(min=1)
+    bad = [h for k, h in enumerate(heads.names) if denominators[k] > 0 and not math.isfinite(head_loss[k])]
+    if bad:
+        diverged(run, "the loss", bad)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    if cfg.max_grad_norm:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    if not math.isfinite(norm):
+        diverged(run, "the gradient norm", nonfinite_grad_heads(run))
+    run.optimizer.step()
+    if heads.frozen:  # one tensor holds every head: put the frozen ones back (weight decay)
+        with torch.no_grad():
+            run.model.heads[heads.frozen] = heads.frozen_copy
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.progress.step += 1
+    return StepResult(head_loss, norm, denominators, [len(run.data.train[i]) for i in idx])
+
+
+def nonfinite_grad_heads(run: Run) -> list[str]:
+    g = run.model.heads.grad
+    bad = [h for k, h in enumerate(run.heads.names) if g is not None and not torch.isfinite(g[k]).all()]
+    return bad or ["the trunk"]
+
+
+def diverged(run: Run, what: str, heads: list[str]) -> None:
+    step = run.progress.step + 1
+    last = run.progress.last_checkpoint
+    last = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    log(run, {"step": step, "event": "diverged", "heads": heads})
+    raise TrainingDiverged(
+        f"{what} became NaN/inf at step {step} for head(s) {', '.join(heads)}; training stopped and "
+        f"{last}. Lower the learning rate, raise warmup_steps or check the data of those heads.")
+
+
+# ---- evaluation, checkpoints, logs ---------------------------------------------------------------
+def evaluate_run(run: Run) -> dict:
+    cfg = run.cfg
+    return evaluate(run.model, run.tokenizer, run.data.val_examples, run.heads.trained,
+                    batch_size=cfg.eval_batch_size or cfg.batch_size, samples=cfg.eval_samples,
+                    max_new_tokens=cfg.eval_max_new_tokens, loss_weights=cfg.loss_weights, bf16=run.bf16,
+                    packed=run.data.val, progress=cfg.progress and run.d.main)
+
+
+def improved(run: Run, metrics: dict) -> bool:
+    """Record an evaluation in run.progress; True when it is the best so far by metric_for_best."""
+    key, p = run.cfg.metric_for_best, run.progress
+    if key not in metrics:
+        raise KeyError(f"metric_for_best={key!r} is not among the evaluation metrics {sorted(metrics)}")
+    value = metrics[key]
+    greater = run.cfg.greater_is_better
+    if greater is None:
+        greater = not any(s in key for s in ("loss", "perplexity"))
+    if p.best is None or (value > p.best if greater else value < p.best):
+        p.best, p.best_step, p.bad_evals = value, p.step, 0
+        return True
+    p.bad_evals += 1
+    return False
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of the run. Every process calls it (RNG states are gathered); rank 0 writes."""
+    cfg, d, p = run.cfg, run.d, run.progress
+    rng = d.gather(ckpt.rng_state())
+    path = run.out / f"{ckpt.PREFIX}{p.step}"
+    if d.main:
+        bad = [n for n, t in run.model.named_parameters() if not torch.isfinite(t).all()]
         if bad:
-            self._diverged("the loss", bad)
+            diverged(run, "the weights", [n.split(".")[0] for n in bad[:3]])
+        n = len(run.data.train)
+        state = {"step": p.step, "epoch": p.step * cfg.batch_size // n,
+                 "examples_seen": p.step * cfg.batch_size, "dataset_size": n,
+                 "batch_size": cfg.batch_size, "seed": cfg.seed, "world_size": d.world,
+                 "best_metric": p.best, "best_step": p.best_step,
+                 "metric_for_best": cfg.metric_for_best, "evals_without_improvement": p.bad_evals,
+                 "head_names": run.heads.names}
+        path = ckpt.save_checkpoint(run.out, p.step, run.model, run.tokenizer, run.optimizer,
+                                    run.scheduler, state, cfg.to_dict(), rng)
+        protect = {p.best_step} if p.best_step is not None else set()
+        ckpt.prune_checkpoints(run.out, cfg.keep_last, protect)
+    d.barrier()
+    p.last_checkpoint = path
+    return path
 
-    def _nonfinite_grad_heads(self) -> list[str]:
-        g = self.model.heads.grad
-        bad = [h for k, h in enumerate(self.head_names) if g is not None and not torch.isfinite(g[k]).all()]
-        return bad or ["the trunk"]
 
-    def _diverged(self, what: str, heads: list[str]) -> None:
-        step = self.step + 1
-        last = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-            "no checkpoint was written before it"
-        self.log({"step": step, "event": "diverged", "heads": heads})
-        raise TrainingDiverged(
-            f"{what} became NaN/inf at step {step} for head(s) {', '.join(heads)}; training stopped and "
-            f"{last}. Lower the learning rate, raise warmup_steps or check the data of those heads.")
+def log(run: Run, record: dict) -> None:
+    if run.d.main:
+        with open(run.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    # -- evaluation, checkpoints, logs ------------------------------------------------------------
-    def evaluate(self) -> dict:
-        cfg = self.cfg
-        return evaluate(self.model, self.tokenizer, self.val_examples, self.train_heads,
-                        batch_size=cfg.eval_batch_size or cfg.batch_size, samples=cfg.eval_samples,
-                        max_new_tokens=cfg.eval_max_new_tokens, loss_weights=cfg.loss_weights, bf16=self.bf16,
-                        packed=self.val, progress=cfg.progress and self.d.main)
 
-    def improved(self, metrics: dict) -> bool:
-        key = self.cfg.metric_for_best
-        if key not in metrics:
-            raise KeyError(f"metric_for_best={key!r} is not among the evaluation metrics {sorted(metrics)}")
-        value = metrics[key]
-        greater = self.cfg.greater_is_better
-        if greater is None:
-            greater = not any(s in key for s in ("loss", "perplexity"))
-        if self.best is None or (value > self.best if greater else value < self.best):
-            self.best, self.best_step, self.bad_evals = value, self.step, 0
-            return True
-        self.bad_evals += 1
-        return False
-
-    def save(self) -> Path:
-        """Every process calls it (RNG states are gathered); rank 0 writes."""
-        rng = self.d.gather(ckpt.rng_state())
-        path = self.out / f"{ckpt.PREFIX}{self.step}"
-        if self.d.main:
-            bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-            if bad:
-                self._diverged("the weights", [n.split(".")[0] for n in bad[:3]])
-            n = len(self.train)
-            state = {"step": self.step, "epoch": self.step * self.cfg.batch_size // n,
-                     "examples_seen": self.step * self.cfg.batch_size, "dataset_size": n,
-                     "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "world_size": self.d.world,
-                     "best_metric": self.best, "best_step": self.best_step,
-                     "metric_for_best": self.cfg.metric_for_best, "evals_without_improvement": self.bad_evals,
-                     "head_names": self.head_names}
-            path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.optimizer,
-                                        self.scheduler, state, self.cfg.to_dict(), rng)
-            protect = {self.best_step} if self.best_step is not None else set()
-            ckpt.prune_checkpoints(self.out, self.cfg.keep_last, protect)
-        self.d.barrier()
-        self.last_checkpoint = path
-        return path
-
-    def log(self, record: dict) -> None:
-        if self.d.main:
-            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def trim_log(self) -> None:
-        """On resume, forget lines the interrupted run wrote after its checkpoint."""
-        path = self.out / METRICS_FILE
-        if self.d.main and path.is_file():
-            keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            atomic_write_text(path, "".join(keep))
+def trim_log(run: Run) -> None:
+    """On resume, forget lines the interrupted run wrote after its checkpoint."""
+    path = run.out / METRICS_FILE
+    if run.d.main and path.is_file():
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= run.progress.step]
+        atomic_write_text(path, "".join(keep))
 
 
 def _seed_all(seed: int) -> None:
@@ -687,84 +782,87 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ---- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> TrainResult:
     """Fine-tune (or train from scratch) a multi-head GPT-2; see TrainConfig. Returns the outcome."""
     d = setup_distributed(cfg.device)
     try:
         with StopSignal() as stop:
-            return _train(cfg, d, stop)
+            run = setup(cfg, d)
+            if d.main:
+                run.out.mkdir(parents=True, exist_ok=True)
+                ckpt.remove_stale_temp(run.out)
+                trim_log(run)
+            return fit(run, stop)
     finally:
         if d.owned:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist, stop: StopSignal) -> TrainResult:
-    run = Run(cfg, d)
-    if d.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temp(run.out)
-        run.trim_log()
+def fit(run: Run, stop: StopSignal) -> TrainResult:
+    """Step until max_steps (or early stopping, or a signal), evaluating, logging and saving on the way."""
+    cfg, d, p = run.cfg, run.d, run.progress
     logger.info("training %s on %d examples (%d validation), %d steps of %d examples, heads %s",
-                run.head_names, len(run.train), len(run.val), run.max_steps, cfg.batch_size, run.train_heads)
-    bar = tqdm(total=run.max_steps, initial=run.step, unit="step", dynamic_ncols=True,
+                run.heads.names, len(run.data.train), len(run.data.val), run.max_steps, cfg.batch_size,
+                run.heads.trained)
+    bar = tqdm(total=run.max_steps, initial=p.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and d.main and sys.stderr.isatty()))
     log_lines = cfg.progress and d.main and bar.disable  # no terminal (a log file, CI): periodic lines instead
     losses, metrics, window, stopped_early = [], {}, [], False
     t0 = started = last_line = time.perf_counter()
-    first = run.step
-    while run.step < run.max_steps:
-        head_loss, norm = run.train_step()
-        loss = float((run.weights * head_loss).sum())
+    first = p.step
+    while p.step < run.max_steps:
+        head_loss, norm, _, _ = train_step(run)
+        loss = float((run.heads.weights * head_loss).sum())
         losses.append(loss)
         window.append((loss, head_loss))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         now = time.perf_counter()
-        if log_lines and (now - last_line >= PROGRESS_SECONDS or run.step in (first + 1, run.max_steps)):
-            rate = (run.step - first) / max(now - started, 1e-9)
-            logger.info("step %d/%d loss %.4f (%.2f steps/s, about %.0f s left)", run.step, run.max_steps,
-                        loss, rate, (run.max_steps - run.step) / rate)
+        if log_lines and (now - last_line >= PROGRESS_SECONDS or p.step in (first + 1, run.max_steps)):
+            rate = (p.step - first) / max(now - started, 1e-9)
+            logger.info("step %d/%d loss %.4f (%.2f steps/s, about %.0f s left)", p.step, run.max_steps,
+                        loss, rate, (run.max_steps - p.step) / rate)
             last_line = now
-        if run.step % cfg.log_every == 0 or run.step == run.max_steps:
-            run.log(_train_record(run, window, norm, time.perf_counter() - t0))
+        if p.step % cfg.log_every == 0 or p.step == run.max_steps:
+            log(run, _train_record(run, window, norm, time.perf_counter() - t0))
             window, t0 = [], time.perf_counter()
         stop_now = bool(d.all_sum(torch.tensor([float(stop.received is not None)])) > 0)  # any process
-        last = run.step == run.max_steps
+        last = p.step == run.max_steps
         new_best = False
-        if run.val and not stop_now and ((cfg.eval_every and run.step % cfg.eval_every == 0) or last):
-            metrics = run.evaluate() if d.main else {}
+        if run.data.val and not stop_now and ((cfg.eval_every and p.step % cfg.eval_every == 0) or last):
+            metrics = evaluate_run(run) if d.main else {}
             if d.main:
-                new_best = run.improved(metrics)
-                run.log({"step": run.step, "split": "eval", **metrics})
-                logger.info("step %d eval: %s", run.step, _short(metrics))
-            new_best, run.best, run.best_step, run.bad_evals = d.broadcast(
-                (new_best, run.best, run.best_step, run.bad_evals))
-            if cfg.early_stopping_patience and run.bad_evals >= cfg.early_stopping_patience:
+                new_best = improved(run, metrics)
+                log(run, {"step": p.step, "split": "eval", **metrics})
+                logger.info("step %d eval: %s", p.step, _short(metrics))
+            new_best, p.best, p.best_step, p.bad_evals = d.broadcast((new_best, p.best, p.best_step, p.bad_evals))
+            if cfg.early_stopping_patience and p.bad_evals >= cfg.early_stopping_patience:
                 stopped_early = True
-        if new_best or last or stop_now or stopped_early or (cfg.save_every and run.step % cfg.save_every == 0):
-            run.save()
+        if new_best or last or stop_now or stopped_early or (cfg.save_every and p.step % cfg.save_every == 0):
+            save(run)
         if stop_now or stopped_early:
             break
     bar.close()
     if stop.received:
         logger.warning("stopped by %s at step %d; checkpoint written to %s. Continue with `--resume` "
-                       "(TrainConfig(resume=True)) and the same output_dir.", stop.received, run.step,
-                       run.last_checkpoint)
+                       "(TrainConfig(resume=True)) and the same output_dir.", stop.received, p.step,
+                       p.last_checkpoint)
     elif stopped_early:
-        logger.info("early stopping at step %d: %s did not improve for %d evaluations", run.step,
+        logger.info("early stopping at step %d: %s did not improve for %d evaluations", p.step,
                     cfg.metric_for_best, cfg.early_stopping_patience)
-    best = run.out / f"{ckpt.PREFIX}{run.best_step}" if run.best_step is not None else None
-    return TrainResult(run.step, metrics, losses, str(best) if best else None, run.best,
-                       str(run.last_checkpoint) if run.last_checkpoint else None, str(run.out),
+    best = run.out / f"{ckpt.PREFIX}{p.best_step}" if p.best_step is not None else None
+    return TrainResult(p.step, metrics, losses, str(best) if best else None, p.best,
+                       str(p.last_checkpoint) if p.last_checkpoint else None, str(run.out),
                        stopped_early, stop.received is not None)
 
 
 def _train_record(run: Run, window: list, norm: float, seconds: float) -> dict:
     n = len(window)
-    record = {"step": run.step, "split": "train", "loss": sum(w[0] for w in window) / n}
+    record = {"step": run.progress.step, "split": "train", "loss": sum(w[0] for w in window) / n}
     head_loss = sum(w[1] for w in window) / n
-    for k, h in enumerate(run.head_names):
-        if h in run.train_heads:
+    for k, h in enumerate(run.heads.names):
+        if h in run.heads.trained:
             record[f"{h}/loss"] = float(head_loss[k])
     record.update(lr=run.scheduler.get_last_lr()[0], grad_norm=norm, steps_per_s=n / max(seconds, 1e-9))
     return record
@@ -775,24 +873,39 @@ def _short(metrics: dict) -> str:
 
 
 # ---- command line --------------------------------------------------------------------------------
+SET_HELP = ("override a setting; VALUE is read as JSON (5, 1e-4, true, null, [\"a\"], {\"n_embd\": 256}); "
+            "anything that is not JSON is a string")
+
+
+def parse_set(items) -> dict:
+    """`--set KEY=VALUE` items -> {key: value}: the one grammar of both training command lines
+    (`gpt2mh train` and `python -m gpt2mh.train`). VALUE is JSON where it parses as JSON (numbers,
+    true/false/null, lists, objects), else the text itself (`--set base=rinna/japanese-gpt2-small`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m gpt2mh.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a .toml or .json file of TrainConfig settings")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue from the latest checkpoint in output_dir (or from CHECKPOINT)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting; VALUE is read as TOML (a bare word is a string)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     d = TrainConfig.from_file(args.config).to_dict()
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            d[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            d[key.strip()] = value
+    try:
+        d.update(parse_set(args.set))
+    except ValueError as e:
+        parser.error(str(e))
     if args.resume is not None:
         d["resume"] = args.resume
     if args.no_progress:

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .atomic import atomic_save_file, atomic_write_text, fsync_path, refuse_same  # noqa: F401 (re-exported)
+from .atomic import atomic_save_file, atomic_write_text, refuse_same
 from .config import GPT2Config
-from .model import MultiHeadGPT2, check_head_names
+from .model import GPT2, check_head_names
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -181,7 +181,7 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], config: GPT2Config, sourc
 
 def expected_trunk_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = MultiHeadGPT2(config)
+        model = GPT2(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "heads"}
 
 
@@ -238,8 +238,10 @@ class HeadsWarning(UserWarning):
 
 
 def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
-               dtype: torch.dtype | str | None = None) -> MultiHeadGPT2:
-    """A HF GPT-2 folder or a gpt2mh checkpoint folder -> MultiHeadGPT2 (eval mode)."""
+               dtype: torch.dtype | str | None = None, *, cls: type[GPT2] = GPT2) -> GPT2:
+    """A HF GPT-2 folder or a gpt2mh checkpoint folder -> a `cls` model (eval mode).
+
+    cls: the network `GPT2`, or a subclass (`gpt2mh.MultiHeadGPT2.from_pretrained` passes itself)."""
     folder = Path(folder)
     device = check_device(device)
     dtype = check_dtype(dtype)
@@ -267,7 +269,7 @@ def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
             raise CheckpointError(f"{source}: {META} lists {len(saved)} heads, so 'heads' must have shape {want}; found {got}")
         warn_heads_changed(folder, saved, names)
     with torch.device("meta"):
-        model = MultiHeadGPT2(config, names)
+        model = cls(config, names)
     # Saved heads keep their weights; a new name is an untied copy of the pretrained LM head (the
     # tied wte of a HF checkpoint), transposed to the Conv1D layout [C, V].
     stacked = torch.empty(len(names), config.n_embd, config.vocab_size, dtype=dtype, device=device)
@@ -349,7 +351,7 @@ def check_dtype(dtype) -> torch.dtype | None:
                      f"'float16', 'bfloat16', 'float32'")
 
 
-def save_model(model: MultiHeadGPT2, folder: str | Path, tokenizer=None) -> Path:
+def save_model(model: GPT2, folder: str | Path, tokenizer=None) -> Path:
     """A gpt2mh checkpoint folder: config.json, model.safetensors (trunk + heads), gpt2mh.json.
 
     Each file is written atomically (temp file, fsync, rename)."""

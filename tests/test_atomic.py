@@ -87,6 +87,7 @@ def previous_files(folder: Path) -> dict[str, Path]:
 WRITERS = ["save_model", "convert_bin", "write_jsonl", "tokenizer", "export", "torch_save"]
 
 
+@pytest.mark.slow  # spawns a process
 @pytest.mark.parametrize("writer", WRITERS)
 def test_sigkill_mid_write_leaves_the_previous_file_intact(tmp_path, writer):
     survivor = previous_files(tmp_path)[writer]

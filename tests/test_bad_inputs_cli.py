@@ -74,6 +74,7 @@ def results(tmp_path_factory):
     return root, done
 
 
+@pytest.mark.slow  # spawns a process
 @pytest.mark.parametrize("case", list(CASES))
 def test_cli_error_is_one_line(results, case):
     root, done = results

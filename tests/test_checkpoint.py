@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from gpt2mh import checkpoint as ckpt
-from gpt2mh.model import MultiHeadGPT2
-from gpt2mh.train import Run, train
-from test_train import HEADS, tiny_config
+from gpt2mh import MultiHeadGPT2
+from gpt2mh import train as train_mod
+from gpt2mh.train import train
+from helpers import HEADS, tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,15 +21,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def interrupt_after(monkeypatch, step: int, sig=signal.SIGINT):
     """Deliver `sig` to this process right after optimizer step `step`, as a user's Ctrl-C would."""
-    original = Run.train_step
+    original = train_mod.train_step
 
-    def step_then_signal(self):
-        out = original(self)
-        if self.step == step:
+    def step_then_signal(run):
+        out = original(run)
+        if run.progress.step == step:
             os.kill(os.getpid(), sig)
         return out
 
-    monkeypatch.setattr(Run, "train_step", step_then_signal)
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, caplog):
@@ -109,7 +110,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_keep_last_prunes_but_keeps_the_best(tmp_path):
-    from test_train import write_data
+    from helpers import write_data
 
     val = write_data(tmp_path, n=4, name="val.jsonl")
     # greater_is_better on a falling loss makes step 1 the best: it must survive keep_last=2

@@ -10,11 +10,7 @@ tests/test_readme.py and tests/test_quickstart.py."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,105 +18,11 @@ import pytest
 import torch
 
 from gpt2mh.hub import DEFAULT_REPO
-from test_hub import fill_cache  # an HF cache laid out as huggingface_hub writes it
-
-ROOT = Path(__file__).resolve().parents[1]
-HEADS = ("reading", "entities", "pos")
-# A random checkpoint of rinna/japanese-gpt2-small's vocabulary and special ids, tiny otherwise.
-TINY_RINNA = dict(vocab_size=32000, n_positions=1024, n_embd=32, n_layer=2, n_head=4,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
-COMMIT = "c0ffee00" + "0123456789abcdef0123456789abcdef"  # 40 hex digits, as the hub's
-INPUTS = ["今日は東京で会議がありました。", "明日は大阪で雨が降るでしょう。"]
-ROWS = [
-    {"input": "今日は東京で会議がありました。", "reading": "キョウハトウキョウデカイギガアリマシタ。",
-     "entities": "東京/LOC", "pos": "名詞 助詞 名詞 助詞 名詞 助詞 動詞 助動詞 助動詞 記号"},
-    {"input": "山田さんは大阪に行った。", "reading": "ヤマダサンハオオサカニイッタ。",
-     "entities": "山田/PSN 大阪/LOC", "pos": "名詞 名詞 助詞 名詞 助詞 動詞 助動詞 記号"},
-    {"input": "明日は雨が降るでしょう。", "reading": "アシタハアメガフルデショウ。",
-     "entities": "なし", "pos": "名詞 助詞 名詞 助詞 動詞 助動詞 記号"},
-    {"input": "京都大学の会議は十時に始まる。", "reading": "キョウトダイガクノカイギハジュウジニハジマル。",
-     "entities": "京都大学/ORG 十時/TIM", "pos": "名詞 助詞 名詞 助詞 名詞 助詞 動詞 記号"},
-]
-
-
-# ---- helpers shared with test_readme.py and test_quickstart.py -------------------------------------
-def offline_env(root: Path) -> dict:
-    """This process's environment, but with the HF cache and gpt2mh's cache under `root`, offline."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "GPT2MH_CACHE")}
-    env.update(HF_HOME=str(root / "hf"), HF_HUB_CACHE=str(root / "hf" / "hub"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", HF_ENDPOINT="http://127.0.0.1:9",
-               GPT2MH_CACHE=str(root / "gpt2mh"), OMP_NUM_THREADS="1", PYTHONUTF8="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return env
-
-
-def console_script() -> str:
-    """The `gpt2mh` entry point installed beside this interpreter (pip install -e .)."""
-    script = Path(sys.executable).with_name("gpt2mh")
-    found = str(script) if script.is_file() else shutil.which("gpt2mh")
-    assert found, "the gpt2mh console script is not installed: pip install -e ."
-    return found
-
-
-def run_cli(args, *, cwd, env, stdin: str | None = None, script: bool = False, timeout: int = 300):
-    """`python -m gpt2mh ARGS` (or the `gpt2mh` console script) -> CompletedProcess (text)."""
-    cmd = [console_script()] if script else [sys.executable, "-m", "gpt2mh"]
-    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=env, input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", timeout=timeout)
-
-
-def rinna_files(hf_folder: Path, spiece: Path) -> dict:
-    """rinna/japanese-gpt2-small's layout: what transformers' save_pretrained wrote, plus spiece.model."""
-    files = {p.name: p for p in Path(hf_folder).iterdir() if p.is_file()}
-    assert {"config.json", "model.safetensors"} <= set(files), files
-    return {**files, "spiece.model": spiece}
-
-
-def rinna_cache(root: Path, hf_checkpoint, spiece: Path) -> Path:
-    """`rinna/japanese-gpt2-small` in an offline HF cache under root/hf/hub -> its snapshot folder."""
-    _, folder = hf_checkpoint(TINY_RINNA)
-    return fill_cache(root / "hf" / "hub", COMMIT, rinna_files(folder, spiece))
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def one_line_error(proc, command: str, pattern: str) -> None:
-    """Non-zero exit, exactly one line on stderr, `gpt2mh <command>: error: ` + pattern, no traceback."""
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert re.match(rf"gpt2mh {command}: error: .*{pattern}", lines[0]), lines[0]
-
-
-def ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.stdout
+from helpers import (COMMIT, HEADS, INPUTS, ROWS, TINY_RINNA, console_script, fill_cache, make_model, offline_env, ok,
+                     one_line_error, rinna_files, run_cli, write_jsonl)
 
 
 # ---- the runs --------------------------------------------------------------------------------------
-def make_model(folder: Path) -> Path:
-    """A random three-head gpt2mh checkpoint with rinna's tokenizer; heads perturbed so they differ."""
-    from gpt2mh import GPT2Config, MultiHeadGPT2
-    from gpt2mh.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_pretrained()
-    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        model = MultiHeadGPT2(cfg, HEADS)
-        with torch.no_grad():
-            model.heads.normal_(0, 1.0)
-    return model.save_pretrained(folder, tokenizer=tok)
-
-
 def cases(root: Path, model: Path, hf_folder: Path) -> dict:
     """name -> (args, stdin, options); paths are absolute, cwd is `root`."""
     data = root / "data"
@@ -233,30 +135,35 @@ def test_top_level_help_lists_every_subcommand(capsys):
     assert e.value.code == 0 and out.startswith("usage: gpt2mh") and all(c in out for c in SUBCOMMANDS)
 
 
+@pytest.mark.slow  # spawns a process
 def test_console_script_and_python_m(cli):
     # every case ran through `python -m gpt2mh`, except the download one: through the console script
     assert cli["done"]["download-cached"].args[0] == console_script()
     assert ok(cli["done"]["download-cached"]) and ok(cli["done"]["gen-text"])
 
 
+@pytest.mark.slow  # spawns a process
 def test_bench_forwards_to_the_benchmark_script(cli):
     out = ok(cli["done"]["bench-help"])
     assert "usage: bench_generate.py" in out and "--quick" in out
 
 
 # ---- download / convert / train -----------------------------------------------------------------
+@pytest.mark.slow  # spawns a process
 def test_download_prints_the_cached_snapshot(cli):
     out = ok(cli["done"]["download-cached"])
     assert Path(out.strip()) == cli["snapshot"]
     assert (Path(out.strip()) / "config.json").is_file()
 
 
+@pytest.mark.slow  # spawns a process
 def test_download_with_nothing_cached_says_so(cli):
     # offline (HF_HUB_OFFLINE=1) with an empty cache: the advice must not be to run this same command
     one_line_error(cli["done"]["download-missing"], "download",
                    rf"could not get '{DEFAULT_REPO}': HF_HUB_OFFLINE is set and it is not in the HF cache.*Unset HF_HUB_OFFLINE")
 
 
+@pytest.mark.slow  # spawns a process
 def test_convert_bin_to_safetensors(cli):
     from safetensors.torch import load_file
 
@@ -266,6 +173,7 @@ def test_convert_bin_to_safetensors(cli):
     torch.testing.assert_close(tensors["transformer.wte.weight"], cli["hf"].transformer.wte.weight.detach())
 
 
+@pytest.mark.slow  # spawns a process
 def test_train_from_flags(cli):
     from gpt2mh import MultiHeadGPT2
 
@@ -277,6 +185,7 @@ def test_train_from_flags(cli):
     assert model.head_names == ("reading", "pos") and model.config.n_embd == TINY_RINNA["n_embd"]
 
 
+@pytest.mark.slow  # spawns a process
 def test_train_from_toml_config(cli):
     from gpt2mh import MultiHeadGPT2
 
@@ -289,6 +198,7 @@ def test_train_from_toml_config(cli):
 
 
 # ---- generate ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # spawns a process
 def test_generate_text_arguments_human_readable(cli):
     lines = ok(cli["done"]["gen-text"]).splitlines()
     assert len(lines) == len(INPUTS) * (1 + len(HEADS))
@@ -302,6 +212,7 @@ def test_generate_text_arguments_human_readable(cli):
             assert output.rstrip() == expected[i][head].rstrip()
 
 
+@pytest.mark.slow  # spawns a process
 def test_generate_file_json_has_every_head(cli):
     rows = jsonl(ok(cli["done"]["gen-file-json"]))
     assert [r["input"] for r in rows] == INPUTS  # the blank line is skipped
@@ -310,6 +221,7 @@ def test_generate_file_json_has_every_head(cli):
     assert len({r["reading"] + r["entities"] + r["pos"] for r in rows}) == 2
 
 
+@pytest.mark.slow  # spawns a process
 def test_generate_stdin_head_subset(cli):
     rows = jsonl(ok(cli["done"]["gen-stdin-heads"]))
     full = jsonl(ok(cli["done"]["gen-file-json"]))
@@ -318,6 +230,7 @@ def test_generate_stdin_head_subset(cli):
         assert r == {"input": f["input"], "pos": f["pos"], "reading": f["reading"]}
 
 
+@pytest.mark.slow  # spawns a process
 def test_generate_per_head_controls(cli):
     greedy = jsonl(ok(cli["done"]["gen-file-json"]))
     rows = jsonl(ok(cli["done"]["gen-per-head"]))
@@ -328,6 +241,7 @@ def test_generate_per_head_controls(cli):
     assert [r["pos"] for r in rows] != [g["pos"] for g in greedy]  # sampled at temperature 1.5
 
 
+@pytest.mark.slow  # spawns a process
 def test_generate_controls_and_seed(cli):
     greedy = jsonl(ok(cli["done"]["gen-file-json"]))
     a = jsonl(ok(cli["done"]["gen-sampled"]))
@@ -336,6 +250,7 @@ def test_generate_controls_and_seed(cli):
     assert a != greedy and [r["input"] for r in a] == INPUTS  # --controls do_sample=true took effect
 
 
+@pytest.mark.slow  # spawns a process
 def test_generate_stream(cli):
     # the plain output's layout (input, then one line per head), streamed: no interleaved segments
     out = ok(cli["done"]["gen-stream"])
@@ -351,6 +266,7 @@ def test_generate_stream(cli):
 
 
 # ---- eval / export ----------------------------------------------------------------------------------
+@pytest.mark.slow  # spawns a process
 def test_eval_prints_metrics_per_head(cli):
     proc = cli["done"]["eval"]
     metrics = json.loads(ok(proc))
@@ -359,6 +275,7 @@ def test_eval_prints_metrics_per_head(cli):
     assert "valid.jsonl: 2 rows, 2 kept" in proc.stderr
 
 
+@pytest.mark.slow  # spawns a process
 def test_export_hf_loads_in_transformers(cli):
     import transformers
 
@@ -378,12 +295,14 @@ def test_export_hf_loads_in_transformers(cli):
 
 
 # ---- bad input: one line on stderr, non-zero exit, no traceback -------------------------------------
+@pytest.mark.slow  # spawns a process
 def test_bad_config_key_did_you_mean(cli):
     one_line_error(cli["done"]["bad-config-key"], "train",
                    r"unknown training setting\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)")
     assert cli["done"]["bad-config-key"].stdout == ""
 
 
+@pytest.mark.slow  # spawns a process
 def test_debug_shows_the_traceback(cli):
     proc = cli["done"]["bad-debug"]
     assert proc.returncode != 0
@@ -413,6 +332,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow  # spawns a process
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line(cli, case, capsys):
     from gpt2mh.cli import main
@@ -427,6 +347,7 @@ def test_bad_input_is_one_line(cli, case, capsys):
     assert re.match(rf"gpt2mh {argv[0]}: error: {pattern}", lines[0]), lines[0]
 
 
+@pytest.mark.slow  # spawns a process
 def test_export_hf_from_a_training_output_folder(cli, capsys):
     # `--model runs/x` (a training output folder) means its newest checkpoint, as for generate and eval
     from gpt2mh.cli import main

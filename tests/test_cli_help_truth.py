@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import HEADS, INPUTS, ROOT, ROWS, make_model, offline_env, ok, one_line_error, run_cli, write_jsonl
+from helpers import HEADS, INPUTS, ROOT, ROWS, make_model, offline_env, ok, one_line_error, run_cli, write_jsonl
 
 # ROWS with other column names: the run maps them (input_column, columns) and eval must follow it.
 COLUMNS = {"reading": "yomi", "entities": "ne", "pos": "hinshi"}
@@ -64,10 +64,12 @@ def runs(tmp_path_factory):
     return dict(root=root, model=model, done=done)
 
 
+@pytest.mark.slow  # spawns a process
 def test_max_new_tokens_zero_is_refused_not_ignored(runs):
     one_line_error(runs["done"]["max-new-0"], "generate", r"max_new_tokens=0 is out of range: must be >= 1")
 
 
+@pytest.mark.slow  # spawns a process
 def test_mistyped_local_path_is_not_sent_to_the_hub(runs):
     for case, command, flag in (("typo-path", "generate", "--model"), ("typo-base", "train", "--base")):
         one_line_error(runs["done"][case], command,
@@ -75,23 +77,27 @@ def test_mistyped_local_path_is_not_sent_to_the_hub(runs):
         assert "gpt2mh download" not in runs["done"][case].stderr
 
 
+@pytest.mark.slow  # spawns a process
 def test_offline_download_advice_is_not_itself(runs):
     proc = runs["done"]["download-offline"]
     one_line_error(proc, "download", r"could not get 'rinna/japanese-gpt2-small': HF_HUB_OFFLINE is set")
     assert "Unset HF_HUB_OFFLINE" in proc.stderr and "`gpt2mh download" not in proc.stderr
 
 
+@pytest.mark.slow  # spawns a process
 def test_export_onto_a_non_empty_folder_names_the_flag(runs):
     one_line_error(runs["done"]["export-not-empty"], "export-hf", r"not empty.* --overwrite")
     assert (runs["root"] / "notempty" / "mine.txt").read_text(encoding="utf-8") == "keep me"
 
 
+@pytest.mark.slow  # spawns a process
 def test_debug_after_the_subcommand_shows_the_traceback(runs):
     proc = runs["done"]["debug-after"]
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr and "lerning_rate" in proc.stderr
 
 
+@pytest.mark.slow  # spawns a process
 def test_stream_with_several_heads_and_inputs_has_the_plain_layout(runs):
     out = ok(runs["done"]["stream-many"])
     greedy = [json.loads(line) for line in ok(runs["done"]["json-many"]).splitlines()]
@@ -104,16 +110,19 @@ def test_stream_with_several_heads_and_inputs_has_the_plain_layout(runs):
     assert "[" not in out  # no "[head #row]" switch headers
 
 
+@pytest.mark.slow  # spawns a process
 def test_stream_with_json_is_refused(runs):
     one_line_error(runs["done"]["stream-json"], "generate", r"--stream .* --json .*give one of them")
 
 
+@pytest.mark.slow  # spawns a process
 def test_train_help_is_truthful(runs):
     out = ok(runs["done"]["train-help"])
     assert "default: train from scratch" not in out
     assert "model_config" in out and "[model_config]" in out and "--resume --output-dir RUN" in out
 
 
+@pytest.mark.slow  # spawns a process
 def test_train_from_scratch_with_model_config_on_the_command_line(runs):
     from gpt2mh import MultiHeadGPT2
 
@@ -125,6 +134,7 @@ def test_train_from_scratch_with_model_config_on_the_command_line(runs):
     assert re.search(r"^step 2/2 loss \d", proc.stderr, re.M), proc.stderr  # progress without a terminal
 
 
+@pytest.mark.slow  # spawns a process
 def test_resume_from_the_output_dir_says_so(runs):
     proc = runs["done"]["resume"]
     result = json.loads(ok(proc))
@@ -132,6 +142,7 @@ def test_resume_from_the_output_dir_says_so(runs):
     assert re.search(r"resumed from step 2 \(\S*checkpoint-2\)", proc.stderr), proc.stderr
 
 
+@pytest.mark.slow  # spawns a process
 def test_eval_reads_the_runs_columns(runs):
     proc = runs["done"]["eval-columns"]
     metrics = json.loads(ok(proc))
@@ -141,6 +152,7 @@ def test_eval_reads_the_runs_columns(runs):
     assert "custom.jsonl: 4 rows, 4 kept" in proc.stderr
 
 
+@pytest.mark.slow  # spawns a process
 def test_train_base_accepts_a_training_output_folder(runs):
     from gpt2mh import MultiHeadGPT2
 
@@ -149,6 +161,7 @@ def test_train_base_accepts_a_training_output_folder(runs):
     assert model.head_names == HEADS and model.config.n_embd == 16
 
 
+@pytest.mark.slow  # spawns a process
 def test_bench_writes_outside_the_tracked_results(tmp_path, monkeypatch, capsys):
     # In process, with the benchmark launch captured: the real scripts run for minutes.
     from gpt2mh import cli
@@ -165,6 +178,7 @@ def test_bench_writes_outside_the_tracked_results(tmp_path, monkeypatch, capsys)
     assert "writing runs/bench/generate.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # spawns a process
 def test_report_without_matplotlib_says_so(tmp_path):
     blocker = tmp_path / "block"
     blocker.mkdir()

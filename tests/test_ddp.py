@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gpt2mh import checkpoint as ckpt
-from gpt2mh.model import MultiHeadGPT2
+from gpt2mh import MultiHeadGPT2
 from gpt2mh.train import train
-from test_train import records, tiny_config
+from helpers import records, tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,6 +27,7 @@ def torchrun(config_path, *args, timeout=240):
     return proc
 
 
+@pytest.mark.slow  # spawns a process
 def test_two_processes_match_one(tmp_path):
     # 8 examples a step = 2 micro-steps x 2 processes x 2 rows: same losses and weights as one process
     settings = dict(batch_size=8, gradient_accumulation_steps=2, max_steps=3, warmup_steps=1, weight_decay=0.1)

@@ -167,7 +167,7 @@ def test_tokenizer_mismatch_and_no_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=101"):
         export_hf(small, "lm", tmp_path / "x")
     wrong_ids = MultiHeadGPT2(GPT2Config(vocab_size=32000, n_positions=16, n_embd=8, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="eos_token_id: config 50256 vs tokenizer 2"):
+    with pytest.raises(ValueError, match="eos_token_id: config 31999 vs tokenizer 2"):  # default: vocab_size - 1
         export_hf(wrong_ids, "lm", tmp_path / "x")
     assert not (tmp_path / "x").exists()
     out = export_hf(small, "lm", tmp_path / "x", tokenizer=False)

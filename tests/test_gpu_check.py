@@ -29,6 +29,7 @@ def test_gpu_check_cpu_quick_passes(tmp_path):
     assert all("gpt2mh_round_ms" in r for r in result["checks"]["speed"]["rows"])
 
 
+@pytest.mark.slow  # spawns a process
 def test_gpu_check_refuses_cuda_without_cuda(tmp_path):
     import torch
 

@@ -1,9 +1,7 @@
 """The hub path without the network: local folders, and an offline HF cache filled by hand in the
 layout huggingface_hub 0.36 reads (`snapshot_download` offline: `refs/<revision>` -> commit hash,
 then `snapshots/<commit>/` must exist; it returns that folder without listing its files)."""
-import hashlib
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -11,10 +9,11 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from conftest import TINY_RINNA_IDS, build_hf_model, hf_logits, save_hf
+from conftest import TINY_RINNA_IDS, hf_logits, save_hf
 from gpt2mh import MultiHeadGPT2
 from gpt2mh.hub import DEFAULT_REPO, resolve_checkpoint
 from gpt2mh.weights import converted_bin_path
+from helpers import fill_cache
 
 COMMIT_A = "a" * 8 + "0123456789abcdef0123456789abcdef"  # 40 hex digits, as the hub's
 COMMIT_B = "b" * 8 + "0123456789abcdef0123456789abcdef"
@@ -43,23 +42,6 @@ def no_network(monkeypatch, tmp_path):
 def rinna_like(hf_checkpoint):
     """Two tiny HF models with rinna's special ids and files: A (main) and B (another commit)."""
     return hf_checkpoint(TINY_RINNA_IDS), hf_checkpoint(dict(TINY_RINNA_IDS, n_layer=3))
-
-
-def fill_cache(cache: Path, commit: str, files: dict, repo_id: str = DEFAULT_REPO, ref: str | None = "main") -> Path:
-    """models--org--name/{blobs/<sha256>, snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/<ref>}."""
-    storage = cache / f"models--{repo_id.replace('/', '--')}"
-    snap = storage / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (storage / "blobs").mkdir(exist_ok=True)
-    for name, src in files.items():
-        blob = storage / "blobs" / hashlib.sha256(Path(src).read_bytes()).hexdigest()
-        if not blob.exists():
-            shutil.copy(src, blob)
-        os.symlink(os.path.relpath(blob, snap), snap / name)
-    if ref is not None:
-        (storage / "refs").mkdir(exist_ok=True)
-        (storage / "refs" / ref).write_text(commit)  # no trailing newline, as huggingface_hub writes it
-    return snap
 
 
 def snapshot_files(folder: Path, spiece: Path) -> dict:

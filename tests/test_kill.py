@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from gpt2mh import checkpoint as ckpt
-from gpt2mh.model import MultiHeadGPT2
+from gpt2mh import MultiHeadGPT2
 from gpt2mh.train import TrainConfig, train
 
 HEADS = ["kana", "upper"]
@@ -128,6 +128,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow  # spawns a process
 @pytest.mark.parametrize("hook", list(KILL_POINTS))
 def test_sigkill_while_writing_a_checkpoint_loses_nothing(tmp_path, reference, hook):
     at, survivor = KILL_POINTS[hook]
@@ -168,6 +169,7 @@ ENTRY_POINTS = {
 }
 
 
+@pytest.mark.slow  # spawns a process
 @pytest.mark.parametrize("case", list(ENTRY_POINTS))
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, case):
     sig, args = ENTRY_POINTS[case]

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from gpt2mh.linear import MKL_PACKED, linear, prepack
+from gpt2mh.linear import MKL_PACKED, linear, prepack, prepack_layer
 from gpt2mh.model import Conv1D
 
 FP32 = dict(rtol=1.3e-6, atol=1e-5)  # fp32 GEMM rounding, K = 96
@@ -22,7 +22,7 @@ def layer():
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 24])
 def test_prepacked_matches_addmm(layer, rows):
-    layer.prepack(rows)
+    prepack_layer(layer, rows)
     assert (layer.pack is not None) == (rows >= 2 and MKL_PACKED)
     for M in (rows, 1, rows + 1):  # other row counts take the fallback
         x = torch.randn(M, 96)
@@ -31,7 +31,7 @@ def test_prepacked_matches_addmm(layer, rows):
 
 
 def test_stale_pack_is_not_used(layer):
-    layer.prepack(3)
+    prepack_layer(layer, 3)
     x = torch.randn(3, 96)
     with torch.no_grad():
         layer.weight.mul_(2.0)  # an optimizer step would do the same: _version moves
@@ -39,19 +39,19 @@ def test_stale_pack_is_not_used(layer):
     layer.weight.data = torch.randn(96, 200)  # new storage, same version counter
     with torch.no_grad():
         torch.testing.assert_close(layer(x), torch.addmm(layer.bias, x, layer.weight), **FP32)
-    layer.prepack(3)  # rebuilt for the new weight
+    prepack_layer(layer, 3)  # rebuilt for the new weight
     assert layer.pack is None or layer.pack.matches(layer.weight, 3)
 
 
 def test_training_path_has_gradients(layer):
-    layer.prepack(3)
+    prepack_layer(layer, 3)
     x = torch.randn(3, 96)
     layer(x).square().sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
 def test_copy_drops_the_pack(layer):
-    layer.prepack(3)
+    prepack_layer(layer, 3)
     twin = copy.deepcopy(layer)
     assert twin.pack is None
     x = torch.randn(3, 96)

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import NO_DROPOUT, TINY
 from gpt2mh.config import GPT2Config
-from gpt2mh.model import MultiHeadGPT2
+from gpt2mh import MultiHeadGPT2
 from gpt2mh.packing import PackReport, collate, pack, packed_loss
 
 HEADS = ("a", "b", "c")

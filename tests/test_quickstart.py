@@ -2,11 +2,10 @@
 with a reduced step count; and `--base` fine-tuning a checkpoint found in the HF cache.
 
 The main run is shared with tests/test_readme.py (which needs the README's `gpt2mh quickstart` to have
-produced runs/quickstart before the README's other commands run): `quickstart_run` runs it once per
-session."""
+produced runs/quickstart before the README's other commands run): `quickstart_run` (tests/helpers.py)
+runs it once per session."""
 from __future__ import annotations
 
-import functools
 import json
 import re
 from pathlib import Path
@@ -14,22 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import HEADS, ok, offline_env, rinna_cache, run_cli
-
-STEPS = 3  # the real default is 600 steps; 3 keep the run (dataset, training, 50-sentence evaluation) short
-SHOW = 2
-OUTPUT = "runs/quickstart"  # the default --output-dir, passed explicitly (relative to the run's folder)
-
-
-@functools.cache
-def quickstart_run(basetemp: Path):
-    """`gpt2mh quickstart --steps 3 --show 2 --output-dir runs/quickstart` in basetemp/quickstart (the
-    console script, offline) -> (that folder, CompletedProcess). Once per session."""
-    cwd = basetemp / "quickstart"
-    cwd.mkdir()
-    proc = run_cli(["quickstart", "--steps", STEPS, "--show", SHOW, "--output-dir", OUTPUT], cwd=cwd,
-                   env=offline_env(basetemp / "quickstart-caches"), script=True, timeout=600)
-    return cwd, proc
+from helpers import HEADS, OUTPUT, SHOW, STEPS, ok, offline_env, quickstart_run, rinna_cache, run_cli
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -106,7 +90,7 @@ def test_quickstart_ctrl_c_resume_and_rerun(tmp_path):
     import signal
     import subprocess
 
-    from test_cli import console_script
+    from helpers import console_script
 
     env = offline_env(tmp_path)
     args = ["quickstart", "--steps", "12", "--show", "0", "--output-dir", "runs/int"]

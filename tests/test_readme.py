@@ -33,8 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import HEADS, ROOT, console_script, ok, offline_env, rinna_cache, run_cli
-from test_quickstart import OUTPUT, quickstart_run
+from helpers import HEADS, OUTPUT, ROOT, console_script, ok, offline_env, quickstart_run, rinna_cache, run_cli
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -105,6 +104,7 @@ for start, code in json.load(open(sys.argv[1], encoding="utf-8")):
 '''
 
 
+@pytest.mark.slow  # spawns a process
 def test_python_blocks(tmp_path, hf_checkpoint, rinna_spiece):
     rinna_cache(tmp_path / "caches", hf_checkpoint, rinna_spiece)
     work = tmp_path / "work"
@@ -168,7 +168,7 @@ def test_toml_block_is_a_valid_train_config():
 # ---- gpt2mh commands -------------------------------------------------------------------------------
 def prepare(cwd: Path, hf_checkpoint, rinna_spiece, caches: Path) -> None:
     """The files the README's commands name, in the folder they run in."""
-    from test_cli import TINY_RINNA
+    from helpers import TINY_RINNA
 
     hf, _ = hf_checkpoint(TINY_RINNA)
     hf.save_pretrained(cwd / "path" / "to", safe_serialization=False)  # path/to/pytorch_model.bin

@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from gpt2mh.sampling import Plan, SamplingConfig, build_controls, check_finite, process, sample
+from gpt2mh.sampling import Plan, SamplingConfig, build_controls, has_nonfinite, process, sample
 
 V, L, EOS, PAD = 40, 24, 3, 0
 
@@ -185,7 +185,7 @@ def test_sample_is_safe_with_zero_noise_and_dead_rows():
     out = sample(scores, torch.zeros(2, 4), c)  # E = 0 everywhere: 0/0 must not pick a banned token
     assert out[0] in (1, 3)
     bad = torch.tensor([[0.0, math.nan], [1.0, 2.0], [math.inf, 0.0], [-math.inf, 0.0]])
-    assert check_finite(bad).tolist() == [True, False, True, False]
+    assert has_nonfinite(bad).tolist() == [True, False, True, False]
 
 
 @pytest.mark.parametrize("field, value", [
@@ -240,7 +240,7 @@ def _everything():
 
     def step_fn(scores, history, cur_len, step, noise, c):
         out = process(scores, history, cur_len, step, c, plan)
-        return out, sample(out, noise, c), check_finite(out)
+        return out, sample(out, noise, c), has_nonfinite(out)
 
     return step_fn, (scores, hist, torch.tensor(10), torch.tensor(3), noise, c)
 

@@ -1,6 +1,6 @@
 """The soak (issue 7) at a reduced count: benchmarks/soak.py in a fresh process (its RSS is then its
-own), 60 prompts instead of 2,000. Same criteria as the script: RSS growth after warm-up below 5%
-and no graph rebuilt after warm-up. Run the full count with `python benchmarks/soak.py`."""
+own), 60 prompts instead of 2,000. The script's own criteria (its JSON says whether RSS growth after
+warm-up stayed below its --max-rss-growth) and no graph rebuilt after warm-up. Run the full count with `python benchmarks/soak.py`."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,8 @@ def test_soak_reduced(tmp_path):
     assert r["passed"] and r["prompts"] == 60 and r["calls"] > r["warmup"]["calls"]
     assert r["graphs_after_warmup"] > 0  # the counter is live: the decode step was compiled
     assert r["recompiles_after_warmup"] == 0, r
-    assert r["rss_growth"] < 0.05, r["rss_trace"]
+    assert r["rss_growth_ok"], (r["rss_growth"], r["criteria"], r["rss_trace"])  # the threshold is the script's
+    assert r["rss_trace"] and all(rss > 0 for _, rss in r["rss_trace"])  # RSS was really measured along the way
     # calls after warm-up varied the batch (5..8: one bucket) and the prompt length (4..40: one cache bucket)
     shapes = r["shapes_after_warmup"]
     assert len({b for b, _ in shapes}) > 1 and len({t for _, t in shapes}) > 1, shapes

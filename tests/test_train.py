@@ -1,7 +1,6 @@
 """Multi-task fine-tuning: the options of TrainConfig, and a real from-scratch run on hironsancorpus."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -10,46 +9,15 @@ import re
 import pytest
 import torch
 
-from gpt2mh.corpus import HEADS, build_examples, char_accuracy
+from gpt2mh.corpus import HEADS, char_accuracy
 from gpt2mh.data import DataError, write_jsonl
-from gpt2mh.model import MultiHeadGPT2
-from gpt2mh.tokenizer import Tokenizer
+from gpt2mh import MultiHeadGPT2
 from gpt2mh.evaluate import evaluate, generate_predictions
 from gpt2mh.train import TrainConfig, TrainingDiverged, train
 from gpt2mh.checkpoint import latest_checkpoint
+from helpers import TINY_MODEL, records, short_examples, tiny_config, tokenizer, write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-TINY_MODEL = dict(n_embd=16, n_layer=1, n_head=2, n_positions=96, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-
-
-@functools.lru_cache(maxsize=None)
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_pretrained()
-
-
-@functools.lru_cache(maxsize=None)
-def short_examples(split: str, max_input: int):
-    """Corpus sentences whose input is at most max_input tokens (keeps CPU tests fast)."""
-    tok = tokenizer()
-    return tuple(e for e in build_examples(split) if len(tok.encode(e.input)) <= max_input)
-
-
-def write_data(folder, n=12, drop_heads=(), name="train.jsonl"):
-    rows = []
-    for e in short_examples("train", 16)[:n]:
-        targets = {h: ("" if h in drop_heads else t) for h, t in e.targets.items()}
-        rows.append(type(e)(e.input, targets, e.source))
-    return str(write_jsonl(folder / name, rows))
-
-
-def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    d = dict(train_file=write_data(tmp_path), heads=list(HEADS), output_dir=str(tmp_path / "run"),
-             model_config=TINY_MODEL, max_length=96, batch_size=4, max_steps=3, learning_rate=1e-2,
-             weight_decay=0.0, eval_every=0, save_every=0, log_every=1, progress=False, seed=0)
-    d.update(overrides)
-    return TrainConfig.from_dict(d)
 
 
 def base_checkpoint(folder, heads=HEADS, seed=0):
@@ -61,11 +29,6 @@ def base_checkpoint(folder, heads=HEADS, seed=0):
     config = GPT2Config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                         pad_token_id=tok.pad_id, **TINY_MODEL)
     return MultiHeadGPT2(config, heads).save_pretrained(folder, tokenizer=tok)
-
-
-def records(run_dir, split="train"):
-    lines = (json.loads(line) for line in open(f"{run_dir}/metrics.jsonl", encoding="utf-8"))
-    return [r for r in lines if r.get("split") == split]
 
 
 def trunk(model):
@@ -166,14 +129,14 @@ def test_column_mapping_and_truncation_is_logged(tmp_path, caplog):
 def step_gradients(cfg: TrainConfig, steps: int) -> tuple[list[dict], list[torch.Tensor]]:
     """Every parameter's gradient and the per-head losses of `steps` optimizer steps taken at the
     initial weights (optimizer.step captures the gradients instead of updating)."""
-    from gpt2mh.train import Dist, Run
+    from gpt2mh.train import Dist, setup, train_step
 
-    run = Run(cfg, Dist())
+    run = setup(cfg, Dist())
     grads, losses = [], []
     run.optimizer.step = lambda: grads.append(
         {n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None})
     for _ in range(steps):
-        losses.append(run.train_step()[0])
+        losses.append(train_step(run)[0])
     return grads, losses
 
 
