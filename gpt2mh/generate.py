@@ -233,8 +233,10 @@ def prepare(model: MultiHeadGPT2, input_ids, attention_mask, heads, controls, pe
         raise ValueError(f"heads={heads!r}: name each head to generate once (or heads=None for all "
                          f"of {list(model.head_names)})")
     idx = model.head_index(names)
-    # (N, C, V); int8 heads (model.quantize) run eagerly, fp32 subsets are kept static for CUDA graphs
-    sel = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
+    # (N, C, V); int8 heads (model.quantize) run eagerly, fp32 subsets are kept static for CUDA graphs.
+    # no_grad: head_weights gives the int8 form only to inference (else generate decoded fp32 heads)
+    with torch.no_grad():
+        sel = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
     pad_default = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
     configs = head_configs(model, names, controls, per_head, cfg.eos_token_id, pad_default)
     B, T = input_ids.shape
