@@ -22,7 +22,7 @@ from .inputs import prompt_batch, prompt_width
 from .linear import prepack_model
 from .model import GPT2, attention_mask_4d, position_ids_from_mask
 from .prompt import check_vocab, encode_prompts
-from .sampling import SamplingConfig, build_controls, has_nonfinite, process, sample
+from .sampling import SamplingConfig, build_controls, draw, has_nonfinite, noise_width, processors
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
 LEN_BUCKET = 64  # cache length is rounded up to this, so new prompt lengths reuse the compiled step
@@ -70,8 +70,8 @@ def next_token(logits: Tensor, state: DecodeState, noise, controls, plan) -> Dec
     """Processing, sampling and end-of-stream bookkeeping, shared by the first token (from the
     prefill) and every decode step. The new token goes to slot state.input_pos + 1."""
     cur = state.input_pos + 1  # (1,) tokens in history before the new one
-    scores = process(logits, state.history, cur[0], state.step, controls, plan)
-    nxt = torch.where(state.unfinished, pick(scores, noise, controls), controls.pad)
+    scores = processors(logits, state.history, cur[0], state.step, controls, plan)  # the warpers are in `draw`
+    nxt = torch.where(state.unfinished, draw(scores, noise, controls, plan), controls.pad)
     history = state.history.index_copy(1, cur, nxt[:, None])
     done = (nxt[:, None] == controls.eos).any(-1) | (state.step + 1 >= controls.max_new)
     bad = state.bad | bad_rows(logits, scores, state.unfinished)
@@ -94,11 +94,6 @@ def heads_matmul(h, heads):
     if not isinstance(heads, torch.Tensor):  # int8 heads (gpt2mh.quantize)
         return heads.matmul(h)
     return torch.baddbmm(h.new_zeros(()), h, heads, beta=0)
-
-
-def pick(scores, noise, controls):
-    # noise is None when no stream samples: plain argmax, no random numbers drawn.
-    return scores.argmax(-1) if noise is None else sample(scores, noise, controls)
 
 
 _compiled: dict[str, object] = {}
@@ -239,8 +234,10 @@ def prepare(model: GPT2, input_ids, attention_mask, heads, controls, per_head, c
         raise ValueError(f"heads={heads!r}: name each head to generate once (or heads=None for all "
                          f"of {list(model.head_names)})")
     idx = model.head_index(names)
-    # (N, C, V); int8 heads (model.quantize) run eagerly, fp32 subsets are kept static for CUDA graphs
-    sel = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
+    # (N, C, V); int8 heads (model.quantize) run eagerly, fp32 subsets are kept static for CUDA graphs.
+    # no_grad: head_weights gives the int8 form only to inference (else generate decoded fp32 heads)
+    with torch.no_grad():
+        sel = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
     pad_default = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
     configs = head_configs(model, names, controls, per_head, cfg.eos_token_id, pad_default)
     B, T = input_ids.shape
@@ -308,10 +305,11 @@ def decode_loop(model: GPT2, st: Streams, input_ids, attention_mask, compile: bo
     h = prefill(model, st, input_ids, attention_mask)
     fixed, state = initial_state(model, st, input_ids, attention_mask)
 
-    def noise():
+    def noise():  # None when no stream samples: plain argmax, no random numbers drawn
         if not plan.any_sample:
             return None
-        return torch.empty(st.S, model.config.vocab_size, device=dev).exponential_(generator=generator)
+        width = noise_width(plan, model.config.vocab_size)
+        return torch.empty(st.S, width, device=dev).exponential_(generator=generator)
 
     # First token: from the prefill's last hidden state, with the same processing as every step.
     logits = heads_matmul(h.view(st.N, st.S // st.N, -1), st.heads).view(st.S, -1).float()

@@ -213,6 +213,7 @@ class Plan:
     top_p: bool = False
     min_p: bool = False
     typical_p: bool = False
+    top_k_bounds: bool = False  # every sampling stream has a top_k and none a typical_p: see `draw`
 
 
 class Controls(NamedTuple):
@@ -318,6 +319,7 @@ def build_controls(
         top_p=any(c.top_p < 1 for c in sampling),
         min_p=any(c.min_p > 0 for c in sampling),
         typical_p=any(c.typical_p < 1 for c in sampling),
+        top_k_bounds=bool(sampling) and all(c.top_k > 0 and c.typical_p == 1 for c in sampling),
     )
     return controls, plan
 
@@ -351,7 +353,13 @@ def _bad_word_bans(history: Tensor, cur_len: Tensor, c: Controls, V: int) -> Ten
 
 
 def process(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c: Controls, plan: Plan) -> Tensor:
-    """Apply the HF processors, then (sampling streams only) the warpers. scores [S, V] f32.
+    """Apply the HF processors, then (sampling streams only) the warpers. scores [S, V] f32."""
+    scores = processors(scores, history, cur_len, step, c, plan)
+    return _warp(scores, c, plan) if plan.any_sample else scores
+
+
+def processors(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c: Controls, plan: Plan) -> Tensor:
+    """The HF processors (repetition_penalty .. min_new_tokens), not the warpers. scores [S, V] f32.
 
     history [S, L] long: history[:, :cur_len] holds each stream's tokens so far (prompt with its left
     padding, then generated tokens; all ids in [0, V)), like HF's input_ids; later positions are
@@ -378,7 +386,7 @@ def process(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c: C
         ban = eos if ban is None else ban | eos
     if ban is not None:
         scores = scores.masked_fill(ban, _NEG_INF)
-    return _warp(scores, c, plan) if plan.any_sample else scores
+    return scores
 
 
 def _warp(scores: Tensor, c: Controls, plan: Plan) -> Tensor:
@@ -415,6 +423,68 @@ def sample(scores: Tensor, noise: Tensor, c: Controls) -> Tensor:
     probs = scores.softmax(-1)
     race = torch.where(probs > 0, probs / noise, 0.0)  # p = 0 never wins, even if E = 0 (0/0 = nan)
     return torch.where(c.do_sample, race.argmax(-1), scores.argmax(-1))
+
+
+def noise_width(plan: Plan, vocab_size: int) -> int:
+    """Columns of Exponential(1) noise `draw` takes per stream: the top-k candidates, the tied group
+    and its pick (plan.top_k_bounds), else one per vocab entry."""
+    return plan.top_k + 2 if plan.top_k_bounds else vocab_size
+
+
+def draw(scores: Tensor, noise: Tensor | None, c: Controls, plan: Plan) -> Tensor:
+    """Next token per stream from `processors`' scores: the warpers, then `sample`; argmax for greedy
+    streams (and for all streams when noise is None: no stream samples).
+
+    noise [S, noise_width(plan, V)]. When top-k bounds every sampling stream, only its candidates
+    are read, weighted and drawn (`_sample_top_k`): no [S, V] noise and no [S, V] sort."""
+    if noise is None:
+        return scores.argmax(-1)
+    if plan.top_k_bounds:
+        return _sample_top_k(scores, noise, c, plan)
+    return sample(_warp(scores, c, plan), noise, c)
+
+
+def _sample_top_k(scores: Tensor, noise: Tensor, c: Controls, plan: Plan) -> Tensor:
+    """Exact draw from HF's temperature -> top_k -> top_p -> min_p filtered softmax, read from the
+    top-(plan.top_k) candidates only. noise [S, K + 2] ~ Exponential(1), K = plan.top_k.
+
+    HF keeps every token >= t, the k-th largest: the candidates above t, plus all m tokens equal to t
+    (m may exceed what fits in the K candidates when scores tie). The m tied tokens are one group of
+    weight (survivors) * exp(t) in the race (min of m Exp(1) is Exp(m)); if it wins, one of the m is
+    picked uniformly. Ascending, the group comes first, so top-p cuts j of its members before any
+    candidate: which j HF cuts depends on its (unstable) sort, here each tied token is equally likely.
+    Weights are exp(score - max), unnormalised: top-p compares against cut * total, min-p against
+    min_p (the top token's weight is 1)."""
+    x = scores / c.temperature[:, None] if plan.temperature else scores
+    K = plan.top_k
+    vals, idx = x.topk(K)  # (S, K) descending
+    t = F.pad(vals, (0, 1), value=_NEG_INF).gather(1, c.top_k_index[:, None])  # (S, 1); -inf for greedy streams
+    tied = x == t  # (S, V)
+    rank = tied.cumsum(-1)  # (S, V): tied tokens up to and including each position
+    m = rank[:, -1:].float()  # (S, 1) tokens equal to t
+    top = vals[:, :1].nan_to_num(0.0, 0.0, 0.0)  # (S, 1); a dead row (all -inf) gets weights 0, not NaN
+    w = torch.where(vals > t, (vals - top).exp(), 0.0)  # (S, K) candidates above t
+    wt = (t - top).exp()  # (S, 1) one tied token; 0 when t = -inf
+    keep_all = (w[:, :1] == 0).float()  # no candidate above t: the group holds the top token, keep one
+    r = m
+    if plan.top_p:  # HF: drop where the ascending cumulative prob <= cut, never the top token
+        cut = c.top_p_cut[:, None] * (w.sum(-1, keepdim=True) + m * wt)
+        j = torch.where(wt > 0, (cut / wt).floor(), 0.0).clamp(min=0.0)
+        r = m - torch.minimum(j, m - keep_all)
+        above = m * wt + w.flip(-1).cumsum(-1).flip(-1)  # (S, K) ascending cumulative mass at each candidate
+        drop = above <= cut
+        drop[:, 0] = False
+        w = w.masked_fill(drop, 0.0)
+    if plan.min_p:  # HF: drop where prob < min_p * top prob, i.e. weight < min_p
+        w = w.masked_fill(w < c.min_p[:, None], 0.0)
+        wt = wt.masked_fill(wt < c.min_p[:, None], 0.0)
+    weights = torch.cat([w, r * wt], 1)  # (S, K + 1)
+    race = torch.where(weights > 0, weights / noise[:, :-1], 0.0)
+    win = race.argmax(-1, keepdim=True)  # (S, 1); K = the tied group
+    pick = (noise[:, -1:].neg().exp() * m).floor().clamp(max=m - 1)  # (S, 1) uniform in [0, m): exp(-E) ~ U
+    member = torch.searchsorted(rank, pick.long() + 1).clamp(max=x.shape[1] - 1)  # the (pick + 1)-th tied token
+    tok = torch.where(win < K, idx.gather(1, win.clamp(max=K - 1)), member)[:, 0]
+    return torch.where(c.do_sample, tok, scores.argmax(-1))
 
 
 def has_nonfinite(scores: Tensor) -> Tensor:

@@ -110,11 +110,14 @@ ALL_ON = dict(
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("plan", ["greedy", "all_processors"])
+@pytest.mark.parametrize("plan", ["greedy", "all_processors", "top_k_bounded"])
 def test_decode_step_has_no_graph_breaks(monkeypatch, model, plan):
     ids, mask = prompts(**BATCH)
     if plan == "greedy":
         controls = dict(max_new_tokens=4)
+    elif plan == "top_k_bounded":  # every sampling head has a top_k: the trimmed sampler (sampling.draw)
+        controls = dict({k: v for k, v in ALL_ON.items() if k != "typical_p"},
+                        per_head={"b": dict(do_sample=False), "c": dict(top_k=5)})
     else:  # every processor and warper on, and heads with different settings in one graph
         controls = dict(ALL_ON, per_head={"b": dict(do_sample=False, bad_words_ids=[[11]]),
                                           "c": dict(top_k=0, eos_token_id=[2, 5])})

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt2mh import GPT2Config, MultiHeadGPT2
-from gpt2mh.quantize import quantize_weight
+from gpt2mh.quantize import Int8Heads, quantize_weight
 
 
 @pytest.fixture
@@ -81,3 +81,13 @@ def test_int8_generate_and_score_select_heads(model):
     assert torch.equal(only_b["b"], both["b"])
     s = model.score(ids, torch.ones_like(ids), ids[:, :3])
     assert torch.equal(model.score(ids, torch.ones_like(ids), ids[:, :3], heads=["b"])[0], s[1])
+
+
+def test_int8_generate_decodes_with_the_int8_heads(model, monkeypatch):
+    # generate used to pick the heads with gradients on, so head_weights gave it the fp32 heads
+    calls = []
+    matmul = Int8Heads.matmul
+    monkeypatch.setattr(Int8Heads, "matmul", lambda self, h: calls.append(h.shape) or matmul(self, h))
+    model.quantize("int8")
+    model.generate(torch.randint(3, 500, (2, 8)), compile=False, max_new_tokens=3, min_new_tokens=3)
+    assert len(calls) == 3  # the first token (from the prefill) and 2 decode steps

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (
@@ -20,7 +21,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from gpt2mh.sampling import Plan, SamplingConfig, build_controls, has_nonfinite, process, sample
+from gpt2mh.sampling import (Plan, SamplingConfig, build_controls, has_nonfinite, draw, noise_width, process,
+                             processors, sample)
 
 V, L, EOS, PAD = 40, 24, 3, 0
 
@@ -153,7 +155,7 @@ def test_plan_reflects_used_configs_only():
     _, plan = build_controls(configs, [0, 0, 2], V, "cpu")
     assert plan == Plan()  # config 1 unused; a bad word equal to EOS is dropped, as in HF
     c, plan = build_controls(configs, [1, 0], V, "cpu")
-    assert plan == Plan(any_sample=True, top_k=5, bad_words_multi=3)
+    assert plan == Plan(any_sample=True, top_k=5, bad_words_multi=3, top_k_bounds=True)
     assert c.bad_words.tolist() == [[1, 2, 3]] and c.bad_use.tolist() == [[True], [False]]
 
 
@@ -228,6 +230,101 @@ def test_from_string():
                      ("bad_words_ids=1;;2", "bad_words_ids"), ("top_p", "top_p"), ("top_p=0", "top_p")]:
         with pytest.raises(ValueError, match=key):
             SamplingConfig.from_string(bad)
+
+
+# ---- the trimmed sampler (draw with plan.top_k_bounds): noise and work for the top-k candidates only ----
+def tie_logits(Vs: int, seed: int) -> Tensor:
+    """[1, Vs] logits: a few distinct large ones, then 9 tokens tied at 1.0 (past any small top-k)."""
+    x = -0.5 - 2 * torch.rand(1, Vs, generator=torch.Generator().manual_seed(seed))  # all below the tie
+    x[0, :3] = torch.tensor([3.0, 2.5, 2.2])
+    x[0, 7:16] = 1.0
+    return x
+
+
+def draw_many(cfg: SamplingConfig, logits: Tensor, n: int, seed: int):
+    """n tokens drawn by `draw` from one row of logits, and the row's HF filtered softmax."""
+    Vs = logits.shape[1]
+    cfg = cfg.replace(pad_token_id=0)
+    c, plan = build_controls([cfg], [0] * n, Vs, "cpu")
+    noise = torch.empty(n, noise_width(plan, Vs)).exponential_(generator=torch.Generator().manual_seed(seed))
+    scores = processors(logits.expand(n, Vs), torch.zeros(n, 1, dtype=torch.long), torch.tensor(1), torch.tensor(0),
+                        c, plan)
+    tokens = draw(scores, noise, c, plan)
+    ref = hf_processors(cfg, 1)(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0].softmax(-1)
+    return torch.bincount(tokens, minlength=Vs).double() / n, ref.double(), plan
+
+
+SAMPLE_N, Z = 40_000, 5.0  # |freq - p| <= Z binomial standard errors, for every token
+
+
+@pytest.mark.parametrize("cfg, bounded, ties", [
+    (SAMPLE.replace(top_k=5), True, True),  # the 5th largest is tied with 8 more tokens: HF keeps all 12
+    (SAMPLE.replace(top_k=4), True, False),
+    (SAMPLE.replace(temperature=1.3, top_k=20, top_p=0.8), True, False),
+    (SAMPLE.replace(top_k=30, top_p=0.95, min_p=0.02), True, False),
+    (SAMPLE.replace(temperature=0.7, top_p=0.9), False, False),  # top-p only: full noise and sort, as before
+], ids=["top_k-ties", "top_k", "top_k+top_p", "top_k+top_p+min_p", "top_p"])
+def test_trimmed_sampler_matches_filtered_softmax(cfg, bounded, ties):
+    Vs = 48
+    logits = tie_logits(Vs, 0) if ties else torch.randn(1, Vs, generator=torch.Generator().manual_seed(3)) * 2
+    freq, ref, plan = draw_many(cfg, logits, SAMPLE_N, seed=11)
+    assert plan.top_k_bounds == bounded
+    assert noise_width(plan, Vs) == (cfg.top_k + 2 if bounded else Vs)
+    assert 2 <= (ref > 0).sum() < Vs  # the filter removes some tokens and leaves a choice
+    se = (ref * (1 - ref) / SAMPLE_N).sqrt()
+    assert ((freq - ref).abs() <= Z * se).all(), (freq - ref).abs().max()
+    assert (freq[ref == 0] == 0).all()
+    if ties:
+        assert (ref > 0).sum() == 12
+
+
+def test_trimmed_sampler_top_p_cut_inside_a_tie():
+    """top-p cuts part of the tied group: HF keeps an arbitrary r of the m tied tokens (its sort is not
+    stable); the trimmed sampler gives the group HF's mass, spread evenly over its m tokens."""
+    Vs = 48
+    logits = tie_logits(Vs, 0)
+    freq, ref, _ = draw_many(SAMPLE.replace(top_k=8, top_p=0.7), logits, SAMPLE_N, seed=12)
+    group = logits[0] == 1.0
+    kept = ref[group] > 0
+    assert 0 < kept.sum() < group.sum()  # the cut does go through the tie
+    p_group = ref[group].sum()
+    assert (freq[group].sum() - p_group).abs() <= Z * (p_group * (1 - p_group) / SAMPLE_N).sqrt()
+    p_one = p_group / group.sum()
+    assert ((freq[group] - p_one).abs() <= Z * (p_one * (1 - p_one) / SAMPLE_N).sqrt()).all()
+    rest = ~group
+    se = (ref[rest] * (1 - ref[rest]) / SAMPLE_N).sqrt()
+    assert ((freq[rest] - ref[rest]).abs() <= Z * se).all() and (freq[rest][ref[rest] == 0] == 0).all()
+
+
+def test_trimmed_sampler_keeps_greedy_streams_and_dead_rows_safe():
+    configs = [SAMPLE.replace(top_k=3, top_p=0.5, pad_token_id=0), GREEDY.replace(pad_token_id=0)]
+    c, plan = build_controls(configs, [0, 1, 0], V, "cpu")
+    assert plan.top_k_bounds
+    scores, _ = make_inputs(3, 1, seed=4)
+    scores[2] = -math.inf  # nothing left: any valid id (the caller raises)
+    out = draw(scores, torch.zeros(3, noise_width(plan, V)), c, plan)  # E = 0 everywhere
+    assert out[1] == scores[1].argmax() and 0 <= out[2] < V
+    assert out[0] in scores[0].topk(3).indices
+    assert torch.equal(draw(scores, None, c, plan), scores.argmax(-1))
+
+
+def test_trimmed_sampler_compiles_without_breaks_and_equals_eager():
+    torch._dynamo.reset()
+    configs = [cfg.replace(eos_token_id=EOS, pad_token_id=PAD) for cfg in
+               (SAMPLE.replace(repetition_penalty=1.3, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05),
+                GREEDY, SAMPLE.replace(top_k=3))]
+    c, plan = build_controls(configs, [0, 1, 2, 0], V, "cpu")
+    assert plan.top_k_bounds and plan.top_k == 20
+    scores, hist = make_inputs(4, 10, seed=6)
+    noise = torch.empty(4, noise_width(plan, V)).exponential_(generator=torch.Generator().manual_seed(0))
+
+    def fn(scores, history, cur_len, step, noise, c):
+        return draw(processors(scores, history, cur_len, step, c, plan), noise, c, plan)
+
+    args = (scores, hist, torch.tensor(10), torch.tensor(3), noise, c)
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    assert torch.equal(torch.compile(fn, fullgraph=True, dynamic=False)(*args), fn(*args))
 
 
 def _everything():
