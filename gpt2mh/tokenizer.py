@@ -90,6 +90,15 @@ class Tokenizer:
         return self.vocab_size
 
     @property
+    def model_proto(self) -> bytes:
+        """The SentencePiece model file's bytes."""
+        return self._model_bytes
+
+    def pieces(self) -> list[tuple[str, float]]:
+        """(piece, score) for every id: the Unigram vocabulary."""
+        return [(self._sp.id_to_piece(i), self._sp.get_score(i)) for i in range(self.vocab_size)]
+
+    @property
     def unk_id(self) -> int:
         return self.special_tokens["<unk>"]
 
