@@ -325,7 +325,10 @@ def cmd_train(args) -> None:
     folder_arg(args.output_dir, "--output-dir")
     if args.device not in (None, "auto"):
         pick_device(args.device)
-    cfg = TrainConfig.from_file(args.config) if args.config else None
+    try:
+        cfg = TrainConfig.from_file(args.config) if args.config else None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {args.config}: not UTF-8 text ({e}); save it as UTF-8") from None
     overrides = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
     for item in args.set or []:
         key, sep, value = item.partition("=")

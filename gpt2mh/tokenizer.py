@@ -143,7 +143,7 @@ class Tokenizer:
             if ids.dim() != 1:
                 raise ValueError(f"decode takes a 1-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        if isinstance(ids, (str, bytes)):
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise TypeError(f"decode takes a sequence of token ids, got {type(ids).__name__} {ids!r:.40}")
         for i in ids:
             if not isinstance(i, numbers.Integral) or isinstance(i, bool):
@@ -178,6 +178,7 @@ class Tokenizer:
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         if isinstance(texts, str):  # a str is a sequence too: each character would become a row
             raise TypeError("batch_encode takes a list of strings, got one str; use [text] or encode(text)")
+        texts = list(texts)  # a numpy array of strings has no truth value; a generator no len
         if not texts:
             raise ValueError("batch_encode needs at least one text")
         rows = [self.encode(t, add_eos=add_eos) for t in texts]

@@ -39,6 +39,7 @@ def root(tmp_path_factory):
     (root / "nonempty").mkdir()
     (root / "nonempty" / "notes.txt").write_text("mine", encoding="utf-8")
     (root / "torn.bin").write_bytes(b"garbage, not a pickle")
+    (root / "sjis.toml").write_bytes('train_file = "データ.jsonl"\n'.encode("cp932"))
     torch.save({"wte.weight": torch.ones(4, 2)}, root / "plain.bin")
     return root
 
@@ -107,6 +108,8 @@ REFUSED = {
     "train-config-missing": ("train --config {root}/nope.toml", r"--config \S*nope\.toml: no such file; expected a "
                                                                 r"TOML or JSON file"),
     "train-config-is-a-folder": ("train --config {root}", r"--config \S+: is a folder"),
+    "train-config-not-utf8": ("train --config {root}/sjis.toml",
+                              r"--config \S*sjis\.toml: not UTF-8 text \('utf-8' codec can't decode byte 0x83"),
     "train-resume-without-run": ("train --resume", r"--resume: name the run to continue with --output-dir RUN"),
     # convert / export-hf / download
     "convert-torn-bin": ("convert {root}/torn.bin --out {root}/torn.safetensors",
@@ -205,3 +208,29 @@ def test_numpy_integer_seed_is_the_same_seed(root):
     model, tok = MultiHeadGPT2.from_pretrained(root / "model"), Tokenizer.from_pretrained(root / "model")
     kw = dict(max_new_tokens=4, do_sample=True, temperature=1.5)
     assert generate_text(model, tok, ["今日は"], seed=np.int64(7), **kw) == generate_text(model, tok, ["今日は"], seed=7, **kw)
+
+
+# ---- library forms of the same inputs ------------------------------------------------------------
+def test_batch_encode_takes_a_numpy_array_of_strings():
+    import numpy as np
+
+    tok = Tokenizer.from_pretrained()
+    texts = ["今日は", "明日は雨"]
+    for form in (np.array(texts), tuple(texts), (t for t in texts)):
+        assert all(torch.equal(a, b) for a, b in zip(tok.batch_encode(form), tok.batch_encode(texts)))
+    with pytest.raises(ValueError, match="batch_encode needs at least one text"):
+        tok.batch_encode(np.array([], dtype=str))
+
+
+def test_decode_of_none_names_what_it_takes():
+    with pytest.raises(TypeError, match="decode takes a sequence of token ids, got NoneType None"):
+        Tokenizer.from_pretrained().decode(None)
+
+
+def test_pandas_nan_among_prompts_is_refused(root):
+    # a blank cell read by pandas is float('nan'): not a prompt, not the string "nan"
+    from gpt2mh.generate import generate_text
+
+    model = MultiHeadGPT2.from_pretrained(root / "model")
+    with pytest.raises(TypeError, match="expected text as a str, got float"):
+        generate_text(model, Tokenizer.from_pretrained(root / "model"), ["今日は", float("nan")], max_new_tokens=2)
