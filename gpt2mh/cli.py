@@ -78,6 +78,9 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
                              "run `gpt2mh quickstart` first or pass --model FOLDER_OR_HUB_ID")
         src = str(DEFAULT_RUN)
     check_local(src, "--model")
+    if revision is not None and Path(src).expanduser().exists():  # it would be ignored
+        raise UsageError(f"--revision {revision}: pins a commit of a hub repo, but --model {src} is a local "
+                         f"folder; leave --revision out")
     folder = resolve_checkpoint(src, revision=revision)
     if not (folder / "config.json").is_file() and latest_checkpoint(folder) is not None:
         folder = latest_checkpoint(folder)  # a training output folder: its newest checkpoint

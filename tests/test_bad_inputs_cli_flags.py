@@ -88,6 +88,8 @@ REFUSED = {
                       r"got TEXT arguments and --file \S*inputs\.txt: give the inputs one way"),
     "file-is-a-folder": ("generate --model {model} --file {root}",
                          r"--file \S+: is a folder; expected a UTF-8 text file with one input per line"),
+    "revision-of-a-local-folder": ("generate --model {model} --revision v1 hi",
+                                   r"--revision v1: pins a commit of a hub repo, but --model \S*model is a local folder"),
     # eval's numbers: --samples -1 evaluated all but the last example, --batch-size -3 scored nothing
     "eval-samples-negative": ("eval --model {model} {root}/d.jsonl --samples -1", r"--samples -1: must be >= 0"),
     "eval-batch-size-zero": ("eval --model {model} {root}/d.jsonl --batch-size 0", r"--batch-size 0: must be >= 1"),
