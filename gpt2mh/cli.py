@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -20,6 +21,9 @@ class UsageError(ValueError):
 
 # ---- subcommands --------------------------------------------------------------------------------
 def cmd_download(args) -> None:
+    if looks_like_path(args.repo) or Path(args.repo).expanduser().exists():
+        raise UsageError(f"download {args.repo}: expected a hub repo id such as {DEFAULT_REPO}; a local folder "
+                         f"needs no download: pass it to --model or --base as it is")
     try:
         folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir)
     except FileNotFoundError as e:
@@ -53,6 +57,8 @@ def cmd_convert(args) -> None:
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such .bin file")
     out = Path(args.out) if args.out else src.with_name("model.safetensors")
+    if out.is_dir():  # like SRC, a folder means the file in it
+        out = out / "model.safetensors"
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     print(convert_bin(src, out, overwrite=True))  # atomic: the old file stays until the new one is complete
@@ -69,6 +75,9 @@ def model_folder(src: str | None, revision: str | None = None) -> Path:
                              "run `gpt2mh quickstart` first or pass --model FOLDER_OR_HUB_ID")
         src = str(DEFAULT_RUN)
     check_local(src, "--model")
+    if revision is not None and Path(src).expanduser().exists():  # it would be ignored
+        raise UsageError(f"--revision {revision}: pins a commit of a hub repo, but --model {src} is a local "
+                         f"folder; leave --revision out")
     folder = resolve_checkpoint(src, revision=revision)
     if not (folder / "config.json").is_file() and latest_checkpoint(folder) is not None:
         folder = latest_checkpoint(folder)  # a training output folder: its newest checkpoint
@@ -104,8 +113,11 @@ def load_model_and_tokenizer(src: str | None, device: str | None, revision: str 
 def pick_device(device: str | None) -> str:
     import torch
 
+    from .weights import check_device
+
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)  # `--device nope` is refused by name before any data is read or written
     return device
 
 
@@ -120,8 +132,55 @@ def parse_head_controls(specs: list[str], names) -> dict:
             raise UsageError(f"--head {spec!r}: expected NAME:key=value,... (e.g. reading:do_sample=false)")
         if name not in names:
             raise UsageError(f"--head {spec!r}: unknown head {name!r}; the model has {list(names)}")
-        per_head[name] = control_dict(SamplingConfig.from_string(rest))
+        cfg = SamplingConfig.from_string(rest)
+        # every key given, default values too: `--controls do_sample=true --head h:do_sample=false` makes h greedy
+        controls = {key: getattr(cfg, key) for key in given_keys(rest)}
+        merged = per_head.setdefault(name, {})  # `--head h:a=1 --head h:b=2` is h:a=1,b=2
+        clash = sorted(k for k in controls if k in merged and merged[k] != controls[k])
+        if clash:
+            raise UsageError(f"--head {spec!r}: {name}'s {', '.join(clash)} already set by an earlier --head "
+                             f"{name}:... to another value; give each control once")
+        merged.update(controls)
     return per_head
+
+
+def given_keys(spec: str) -> list[str]:
+    """The keys of a `key=value,...` spec (SamplingConfig.from_string has checked it)."""
+    return [item.partition("=")[0].strip() for item in spec.split(",") if item.strip()]
+
+
+def head_list(value: str | None, flag: str = "--heads") -> list[str] | None:
+    """`--heads a,b` -> ["a", "b"]; None: every head. An empty name (`--heads ''`, `--heads a,`) is refused,
+    not read as "all heads"."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise UsageError(f"{flag} {value!r}: expected comma-separated head names, e.g. {flag} reading,pos "
+                         f"(leave {flag} out for every head)")
+    return names
+
+
+def at_least(flag: str, value: int | None, low: int, meaning: str = "") -> None:
+    if value is not None and value < low:
+        raise UsageError(f"{flag} {value}: must be >= {low}{meaning}")
+
+
+def seed_arg(text: str) -> int:
+    """--seed: an integer torch's generators and the training data order both take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed is an integer in [0, 2**32)")
+    return value
+
+
+def folder_arg(path: str | None, flag: str) -> None:
+    """An output folder given as the path of an existing file: say so before any work."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a folder; give a folder for the outputs")
 
 
 def control_dict(cfg) -> dict:
@@ -134,10 +193,15 @@ def control_dict(cfg) -> dict:
 
 
 def read_inputs(args) -> list[str]:
+    if args.text and args.file:
+        raise UsageError(f"got TEXT arguments and --file {args.file}: give the inputs one way (the other would be "
+                         f"ignored)")
     if args.text:
         return list(args.text)
     if args.file:
         path = Path(args.file)
+        if path.is_dir():
+            raise UsageError(f"--file {path}: is a folder; expected a UTF-8 text file with one input per line")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
@@ -158,13 +222,16 @@ def cmd_generate(args) -> None:
     from .sampling import SamplingConfig
 
     model, tok = load_model_and_tokenizer(args.model, args.device, args.revision)
-    heads = args.heads.split(",") if args.heads else None
+    heads = head_list(args.heads)
     names = [model.head_names[i] for i in model.head_index(heads)]
     controls = control_dict(SamplingConfig.from_string(args.controls)) if args.controls else {}
     if args.stream and args.json:
         raise UsageError("--stream prints text as it is produced, --json whole outputs as JSON lines: "
                          "give one of them")
     if args.max_new_tokens is not None:  # 0 and negatives too: refused by name, never ignored
+        if controls.get("max_new_tokens", args.max_new_tokens) != args.max_new_tokens:
+            raise UsageError(f"--max-new-tokens {args.max_new_tokens} and --controls max_new_tokens="
+                             f"{controls['max_new_tokens']} disagree: give one of them")
         controls["max_new_tokens"] = args.max_new_tokens
     kwargs = dict(per_head=parse_head_controls(args.head, names), compile=args.compile, seed=args.seed, **controls)
     texts = read_inputs(args)
@@ -197,8 +264,10 @@ def print_stream(pieces, texts: list[str], names: list[str]) -> None:
             print(texts[row])
         print(f"  {h:>{width}}: ", end="")
 
+    pieces = iter(pieces)
+    first = next(pieces, None)  # settings are checked when generation starts: no header before that
     start(0)
-    for head, row, piece in pieces:
+    for head, row, piece in itertools.chain([first] if first else [], pieces):
         got[row, head] += piece
         if (row, head) == order[live]:
             print(piece, end="", flush=True)
@@ -213,11 +282,17 @@ def cmd_export(args) -> None:
 
     # like generate and eval, --model may be a training output folder (runs/quickstart): its newest checkpoint
     out = export_hf_from_checkpoint(model_folder(args.model), args.head, args.out, overwrite=args.overwrite)
+    slow = f"""tokenizer = AutoTokenizer.from_pretrained("{out}", use_fast=False)
+  tokenizer.do_lower_case = True  # rinna's tokenizer lowercases; T5Tokenizer does not read that from its files"""
+    if (Path(out) / "tokenizer.json").is_file():  # written when the `tokenizers` package is installed
+        tokenizer = f"""tokenizer = AutoTokenizer.from_pretrained("{out}")  # fast: tokenizer.json lowercases as gpt2mh
+  or, with the slow tokenizer:
+  {slow}"""
+    else:
+        tokenizer = slow + "\n  (rinna's model card sets the same flag; without it, Latin capitals become <unk>)"
     print(f"""wrote {out}: head {args.head!r} as a transformers GPT2LMHeadModel. Use it as gpt2mh does:
   model = AutoModelForCausalLM.from_pretrained("{out}")
-  tokenizer = AutoTokenizer.from_pretrained("{out}", use_fast=False)
-  tokenizer.do_lower_case = True  # rinna's tokenizer lowercases; T5Tokenizer does not read that from its files
-  (rinna's model card sets the same flag; without it, Latin capitals become <unk>)""", file=sys.stderr)
+  {tokenizer}""", file=sys.stderr)
     print(out)
 
 
@@ -239,7 +314,19 @@ def cmd_bench(args) -> None:
 def cmd_train(args) -> None:
     from .train import TrainConfig, parse_set, train
 
-    cfg = TrainConfig.from_file(args.config) if args.config else None
+    if args.config and not Path(args.config).is_file():
+        what = "is a folder" if Path(args.config).is_dir() else "no such file"
+        raise UsageError(f"--config {args.config}: {what}; expected a TOML or JSON file of training settings")
+    if args.resume and not (args.config or args.output_dir or args.train_file):
+        raise UsageError("--resume: name the run to continue with --output-dir RUN (its newest checkpoint and "
+                         "settings are used)")
+    folder_arg(args.output_dir, "--output-dir")
+    if args.device not in (None, "auto"):
+        pick_device(args.device)
+    try:
+        cfg = TrainConfig.from_file(args.config) if args.config else None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {args.config}: not UTF-8 text ({e}); save it as UTF-8") from None
     overrides = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
     try:
         overrides.update(parse_set(args.set or []))
@@ -273,8 +360,11 @@ def saved_config(output_dir: Path):
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_file
 
+    at_least("--samples", args.samples, 0, " (0: losses only; leave it out for every example)")
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--max-new-tokens", args.max_new_tokens, 1)
     model, tok = load_model_and_tokenizer(args.model, args.device)
-    heads = args.heads.split(",") if args.heads else list(model.head_names)
+    heads = head_list(args.heads) or list(model.head_names)
     metrics, _, _ = evaluate_file(model, tok, model_folder(args.model), args.data, heads, samples=args.samples,
                                   max_new_tokens=args.max_new_tokens, input_column=args.input_column,
                                   batch_size=args.batch_size)
@@ -286,6 +376,8 @@ def cmd_quickstart(args) -> None:
 
     if args.show < 0:
         raise UsageError(f"--show {args.show}: the number of held-out sentences to print must be >= 0")
+    at_least("--steps", args.steps, 1, " (leave it out for the default)")  # checked before a run is replaced
+    folder_arg(args.output_dir, "--output-dir")
     result = quickstart(output_dir=Path(args.output_dir), base=args.base, steps=args.steps,
                         device=pick_device(args.device), show=args.show, resume=args.resume,
                         command=quickstart_command(args))
@@ -360,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", dest="max_steps", type=int)
     s.add_argument("--batch-size", dest="batch_size", type=int)
     s.add_argument("--learning-rate", dest="learning_rate", type=float)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=seed_arg)
     s.add_argument("--device")
     s.add_argument("--resume", action="store_const", const=True,
                    help="continue from the latest checkpoint in --output-dir (with its saved settings, "
@@ -379,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--controls", help="controls for all heads, e.g. do_sample=true,temperature=1.5,top_p=0.95")
     s.add_argument("--head", action="append", metavar="NAME:KEY=VALUE,...", help="controls for one head")
     s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=seed_arg)
     s.add_argument("--json", action="store_true", help="one JSON object per input (JSONL)")
     s.add_argument("--stream", action="store_true", help="print text as it is produced")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -461,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         print(f"gpt2mh {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
-        return 2 if isinstance(e, (ValueError, KeyError, FileNotFoundError, NotADirectoryError, TypeError)) else 1
+        usage = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                 NotADirectoryError)  # what the user gave is wrong: the usage exit code, as argparse's
+        return 2 if isinstance(e, usage) else 1
     return 0
 
 

@@ -71,6 +71,8 @@ def read_examples(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a data file ({', '.join(FORMATS)})")
     fmt = _format(path, format)
     text = _decode(path)
     if not text.strip():

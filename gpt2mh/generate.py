@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
@@ -355,7 +356,23 @@ def make_generator(seed: int | None, generator: torch.Generator | None, device) 
         return generator
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(int(seed))
+    return torch.Generator(device=device).manual_seed(check_seed(seed))
+
+
+SEEDS = (-2**63, 2**64)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed) -> int:
+    """An integer seed (numpy and 0-d tensor integers too); int(1.5) or int("3") would quietly pick another."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed={seed!r}: expected an integer (got {type(seed).__name__})") from None
+    if not SEEDS[0] <= value < SEEDS[1]:
+        raise ValueError(f"seed={value} is out of range: a seed is an integer in [-2**63, 2**64)")
+    return value
 
 
 @contextlib.contextmanager

@@ -94,6 +94,15 @@ class Tokenizer:
         return self.vocab_size
 
     @property
+    def model_proto(self) -> bytes:
+        """The SentencePiece model file's bytes."""
+        return self._model_bytes
+
+    def pieces(self) -> list[tuple[str, float]]:
+        """(piece, score) for every id: the Unigram vocabulary."""
+        return [(self._sp.id_to_piece(i), self._sp.get_score(i)) for i in range(self.vocab_size)]
+
+    @property
     def unk_id(self) -> int:
         return self.special_tokens["<unk>"]
 
@@ -138,7 +147,7 @@ class Tokenizer:
             if ids.dim() != 1:
                 raise ValueError(f"decode takes a 1-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        if isinstance(ids, (str, bytes)):
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise TypeError(f"decode takes a sequence of token ids, got {type(ids).__name__} {ids!r:.40}")
         for i in ids:
             if not isinstance(i, numbers.Integral) or isinstance(i, bool):
@@ -173,6 +182,7 @@ class Tokenizer:
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         if isinstance(texts, str):  # a str is a sequence too: each character would become a row
             raise TypeError("batch_encode takes a list of strings, got one str; use [text] or encode(text)")
+        texts = list(texts)  # a numpy array of strings has no truth value; a generator no len
         if not texts:
             raise ValueError("batch_encode needs at least one text")
         rows = [self.encode(t, add_eos=add_eos) for t in texts]

@@ -149,10 +149,13 @@ def convert_bin(bin_path: Path, out: Path | None = None, overwrite: bool = False
 def unpickling_reason(e: Exception) -> str:
     # torch's weights_only error is a page of advice whose first option is to load with
     # weights_only=False, i.e. to run the file's code: keep only the line that says what was refused.
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-    found = [line.split("error:", 1)[1].split(". ")[0].strip() for line in lines
-             if line.startswith("WeightsUnpickler error:")]
-    return (found or [line for line in lines if line] or [type(e).__name__])[0]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    # the reason follows "WeightsUnpickler error:" on its line, or (a torn or non-torch file) a blank line later
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:
+        return found.group(1).split(". ")[0].strip()
+    lines = [line.strip() for line in text.splitlines()]
+    return ([line for line in lines if line] or [type(e).__name__])[0]
 
 
 # ---- HF names -> ours -------------------------------------------------------------------------

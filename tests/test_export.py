@@ -97,7 +97,8 @@ def test_greedy_generate_matches_hf(model, hf_models, head):
 def test_files_config_and_weights(model, exported, hf_models):
     out = exported["b"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "spiece.model", "tokenizer_config.json", "special_tokens_map.json"])
+        ["config.json", "model.safetensors", "spiece.model", "tokenizer_config.json", "special_tokens_map.json",
+         "tokenizer.json"])  # tokenizer.json: the fast tokenizer (tokenizers is installed with the test extra)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
     assert cfg["tie_word_embeddings"] is False
@@ -250,3 +251,52 @@ def test_what_export_hf_prints_gives_gpt2mhs_greedy_output_in_transformers(model
         input_ids, mask = encode_prompts(ours_tok, [text], model)
         ours = model.generate(input_ids, mask, heads=["b"], max_new_tokens=8, compile=False)["b"]
         assert torch.equal(hf_out[:, len(ids):], ours), text
+
+
+# ---- the fast tokenizer (tokenizer.json, issue 10) ---------------------------------------------
+def test_fast_tokenizer_lowercases_and_gives_gpt2mhs_ids_and_greedy_output(model, exported, hf_models):
+    # AutoTokenizer.from_pretrained(out), no flag and no line to set by hand: tokenizer.json's normalizer
+    # lowercases first, then applies spiece.model's own NFKC map, as gpt2mh.Tokenizer does.
+    from gpt2mh.prompt import encode_prompts
+
+    ours_tok = Tokenizer.from_pretrained(RINNA_FIXTURE)
+    fast = transformers.AutoTokenizer.from_pretrained(exported["b"])
+    assert fast.is_fast and (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id, fast.unk_token_id) == (1, 2, 3, 0)
+    for text in CAPITALS + JAPANESE + [MIXED_CASE, "こんにちは</s>世界[SEP]です", "  two  spaces  ", ""]:
+        ids = fast.encode(text)
+        assert ids == ours_tok.encode(text), text
+        assert fast.decode(ids, skip_special_tokens=True) == ours_tok.decode(ids), text
+    for text in CAPITALS:
+        ids = fast.encode(text)
+        with torch.no_grad():
+            hf_out = hf_models["b"].generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
+                                             pad_token_id=CONFIG.pad_token_id)
+        input_ids, mask = encode_prompts(ours_tok, [text], model)
+        ours = model.generate(input_ids, mask, heads=["b"], max_new_tokens=8, compile=False)["b"]
+        assert torch.equal(hf_out[:, len(ids):], ours), text
+
+
+def test_fast_tokenizer_charsmap_is_the_models(exported):
+    # spm_charsmap reads the protobuf wire format by hand: the same bytes as protobuf's parser
+    from sentencepiece import sentencepiece_model_pb2
+
+    from gpt2mh.export import spm_charsmap
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(PACKAGED_MODEL.read_bytes())
+    assert spm_charsmap(PACKAGED_MODEL.read_bytes()) == proto.normalizer_spec.precompiled_charsmap != b""
+
+
+def test_without_the_tokenizers_package_no_tokenizer_json(model, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tokenizers(name, *args, **kwargs):
+        if name == "tokenizers" or name.startswith("tokenizers."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tokenizers)
+    out = export_hf(model, "a", tmp_path / "out")
+    assert "tokenizer.json" not in {p.name for p in out.iterdir()} and (out / "spiece.model").is_file()
