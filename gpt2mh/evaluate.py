@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .corpus import char_accuracy, exact_match
 from .data import Example
+from .metrics import char_accuracy, exact_match
 from .model import MultiHeadGPT2
 from .packing import PackedExample, collate, pack_examples, packed_loss
 from .prompt import check_vocab

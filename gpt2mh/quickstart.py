@@ -10,7 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .corpus import HEADS, char_accuracy, write_dataset
+from .corpus import HEADS, write_dataset
+from .metrics import char_accuracy
 from .train import METRICS_FILE
 
 # A fresh model small enough to train in a few minutes on 2 CPU cores; the vocabulary is rinna's.

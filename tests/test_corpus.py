@@ -10,10 +10,8 @@ from gpt2mh.corpus import (
     HEADS,
     Token,
     build_examples,
-    char_accuracy,
     corpus_path,
     entities,
-    exact_match,
     load_sentences,
     parse_iob,
     write_dataset,
@@ -119,20 +117,6 @@ def test_write_dataset_round_trips(tmp_path):
     test, report = read_examples(paths["test"], list(HEADS))
     assert report.kept == 50 and report.skipped == {}
     assert [(ex.input, ex.targets) for ex in test] == [(ex.input, ex.targets) for ex in build_examples("test")]
-
-
-@pytest.mark.parametrize("pred,ref,acc", [
-    ("", "", 1.0), ("abc", "abc", 1.0), ("", "abcd", 0.0), ("abcd", "", 0.0),
-    ("abxd", "abcd", 0.75), ("abd", "abcd", 0.75), ("xabcd", "abcd", 0.75),
-    ("wxyz" * 5, "abcd", 0.0), ("カタカナ", "カタカナ", 1.0), ("カタカ", "カタカナ", 0.75),
-])
-def test_char_accuracy(pred, ref, acc):
-    assert char_accuracy(pred, ref) == pytest.approx(acc)
-
-
-def test_levenshtein_symmetry_and_exact_match():
-    assert corpus.levenshtein("kitten", "sitting") == corpus.levenshtein("sitting", "kitten") == 3
-    assert exact_match("ア", "ア") == 1.0 and exact_match("ア", "ア ") == 0.0
 
 
 def test_no_pickle_and_no_import_of_the_package_parser(monkeypatch):

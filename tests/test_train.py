@@ -10,8 +10,9 @@ import re
 import pytest
 import torch
 
-from gpt2mh.corpus import HEADS, build_examples, char_accuracy
+from gpt2mh.corpus import HEADS, build_examples
 from gpt2mh.data import DataError, write_jsonl
+from gpt2mh.metrics import char_accuracy
 from gpt2mh.model import MultiHeadGPT2
 from gpt2mh.tokenizer import Tokenizer
 from gpt2mh.evaluate import evaluate, generate_predictions
