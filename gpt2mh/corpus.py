@@ -1,7 +1,19 @@
 """hironsancorpus (MIT, 500 Japanese news sentences in IOB2) as a three-head dataset.
 
-One input (the sentence), three targets of different kinds: its katakana reading, its named
-entities, its coarse part-of-speech sequence.
+One input (the sentence), three targets of completely different kinds:
+
+  tense     a sentence label: 過去 when the sentence's last word before its punctuation is the
+            past-tense auxiliary た/だ (…した。 …だった。), else 現在 (non-past: …する。 …している。 …だ。)
+  entities  an extraction: the named entities in order as `text/type`, space-separated (types lower
+            case: ART DAT LOC MON ORG PER PSN TIM -> art dat ...), or なし when there are none
+  pos       a tag sequence: one character per corpus token for its coarse part of speech
+            (POS_CODES: 名詞 -> 名, 助詞 -> 助, 動詞 -> 動, 助動詞 -> 補, 記号 -> 記, ...)
+
+Every target is stored as the tokenizer gives it back (decode(encode(target))): rinna's tokenizer
+lowercases and NFKC-normalises, so `/LOC` or `ＡＢＣ` could never be generated; the stored reference is
+what a perfect model outputs. The katakana reading each token carries (Token.reading) is not a head:
+from 450 sentences a model from scratch cannot learn the readings of the test sentences' kanji (see
+README, "quickstart"); it is kept for users who fine-tune rinna on it (`reading_target`).
 """
 from __future__ import annotations
 
@@ -13,8 +25,12 @@ from typing import NamedTuple
 
 from gpt2mh.data import Example, write_jsonl
 
-HEADS = ("reading", "entities", "pos")
+HEADS = ("tense", "entities", "pos")
 NO_ENTITIES = "なし"
+PAST, NON_PAST = "過去", "現在"
+POS_CODES = {"名詞": "名", "助詞": "助", "動詞": "動", "助動詞": "補", "記号": "記", "接頭詞": "頭", "接続詞": "接",
+             "副詞": "副", "連体詞": "連", "形容詞": "形", "感動詞": "感", "フィラー": "フ"}
+OTHER_POS = "他"  # a coarse POS not in POS_CODES (none in the corpus)
 TRAIN_FRACTION = 0.9  # the package's own split: first 90% train, rest test
 _HIRAGANA_TO_KATAKANA = {c: c + 0x60 for c in [*range(0x3041, 0x3097), 0x309D, 0x309E]}
 
@@ -111,14 +127,40 @@ def entities(tokens: list[Token]) -> list[tuple[str, str]]:
     return [(text, etype) for etype, text in spans]
 
 
+def tense(tokens: list[Token]) -> str:
+    words = [t for t in tokens if t.pos != "記号"]
+    return PAST if words and words[-1].surface in ("た", "だ") and words[-1].pos == "助動詞" else NON_PAST
+
+
+def pos_codes(tokens: list[Token]) -> str:
+    return "".join(POS_CODES.get(t.pos, OTHER_POS) for t in tokens)
+
+
+def reading_target(tokens: list[Token]) -> str:
+    return "".join(t.reading for t in tokens)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from gpt2mh.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(None)  # rinna's, packaged: the quickstart's tokenizer
+
+
+def producible(text: str) -> str:
+    """The text as the tokenizer gives it back: what a model with this tokenizer can generate."""
+    tok = _tokenizer()
+    return tok.decode(tok.encode(text, add_eos=False))
+
+
 def to_example(tokens: list[Token], source: str) -> Example:
     spans = entities(tokens)
     targets = {
-        "reading": "".join(t.reading for t in tokens),
-        "entities": " ".join(f"{text}/{etype}" for text, etype in spans) if spans else NO_ENTITIES,
-        "pos": " ".join(t.pos for t in tokens),
+        "tense": tense(tokens),
+        "entities": " ".join(f"{text}/{etype.lower()}" for text, etype in spans) if spans else NO_ENTITIES,
+        "pos": pos_codes(tokens),
     }
-    return Example("".join(t.surface for t in tokens), targets, source)
+    return Example("".join(t.surface for t in tokens), {h: producible(t) for h, t in targets.items()}, source)
 
 
 def build_examples(split: str = "train") -> list[Example]:

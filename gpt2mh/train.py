@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 200                      # steps; 0: only at the end
     eval_samples: int = 32                     # validation rows generated greedily for EM / char acc
-    eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # also what `gpt2mh eval` uses on this run's checkpoints
+    eval_max_new_tokens: int | dict = DEFAULT_MAX_NEW_TOKENS  # or {head: int}; also what `gpt2mh eval` uses
     eval_batch_size: int | None = None         # None: batch_size
     save_every: int = 500                      # steps; 0: only at the end (and at a new best)
     keep_last: int | None = 3                  # newest checkpoints kept (the best is always kept)
