@@ -166,8 +166,8 @@ def main(argv=None) -> int:
                 result["runs"].append({"system": system, "seed": seed, **r})
                 common.log(f"  {r['seconds']:.0f} s: " + ", ".join(
                     f"{h} {v['char_accuracy']:.3f}/{v['exact_match']:.3f}" for h, v in r["scores"].items()))
-            result["systems"][system] = summarise(runs, heads)
-    out = common.write_json(args.out, result)
+                result["systems"][system] = summarise(runs, heads)
+                out = common.write_json(args.out, result)  # after every run: a cut-off benchmark keeps its figures
     plot(result, out.with_suffix(".png"))
     print(table(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import HEADS, ROOT, console_script, ok, offline_env, rinna_cache, run_cli
+from gpt2mh.corpus import HEADS  # the quickstart's, which the README's commands and blocks use
+from test_cli import ROOT, console_script, ok, offline_env, rinna_cache, run_cli
 from test_quickstart import OUTPUT, quickstart_run
 
 README = ROOT / "README.md"
