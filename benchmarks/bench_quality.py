@@ -13,7 +13,7 @@ Training time is measured; parameters stored and checkpoint bytes are those of w
 (one folder for `shared`, N for the others).
 
     python benchmarks/bench_quality.py                      # 3 seeds, the quickstart's steps
-    python benchmarks/bench_quality.py --steps 120 --seeds 0 1 2
+    python benchmarks/bench_quality.py --seeds 0 && python benchmarks/bench_quality.py --seeds 1 --add
     python benchmarks/bench_quality.py --base rinna/japanese-gpt2-small   # from a pretrained checkpoint
 
 --base needs that checkpoint (HF cache or hub); it was not run for the published figures (no network
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--out", default=str(common.RESULTS / "quality-cpu.json"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--add", action="store_true", help="add these seeds' runs to an existing --out file")
     args = p.parse_args(argv)
     heads = args.heads.split(",") if args.heads else list(HEADS)
     tokenizer = Tokenizer.from_pretrained(args.base if args.base and Path(args.base).is_dir() else None)
@@ -156,17 +158,24 @@ def main(argv=None) -> int:
                   "batch_size": base_cfg.batch_size, "learning_rate": base_cfg.learning_rate, "seeds": args.seeds,
                   "heads": heads, "n_train": len(train_examples), "n_test": len(test_examples),
                   "trivial": trivial_scores(test_examples, train_examples, heads), "systems": {}, "runs": []}
-        for system in args.systems.split(","):
-            runs = []
-            for seed in args.seeds:
+        old = json.loads(Path(args.out).read_text(encoding="utf-8")) if args.add and Path(args.out).is_file() else None
+        if old is not None:  # --add: more seeds for the same settings, in a later process
+            same = ("base", "model_config", "steps", "batch_size", "learning_rate", "heads")
+            if any(old[k] != result[k] for k in same):
+                raise SystemExit(f"--add: {args.out} was run with other settings ({', '.join(same)})")
+            result["runs"], result["seeds"] = old["runs"], sorted(set(old["seeds"]) | set(args.seeds))
+        systems = args.systems.split(",")
+        for seed in args.seeds:  # seeds outermost: a benchmark cut off keeps whole seeds
+            for system in systems:
                 common.log(f"{system}, seed {seed}")
                 cfg = dataclasses.replace(base_cfg, seed=seed)
-                r = run_system(system, cfg, heads, args.test, train_examples, tokenizer, work / f"{system}-{seed}".replace("/", ""))
-                runs.append(r)
+                r = run_system(system, cfg, heads, args.test, train_examples, tokenizer,
+                               work / f"{system}-{seed}".replace("/", ""))
                 result["runs"].append({"system": system, "seed": seed, **r})
                 common.log(f"  {r['seconds']:.0f} s: " + ", ".join(
                     f"{h} {v['char_accuracy']:.3f}/{v['exact_match']:.3f}" for h, v in r["scores"].items()))
-                result["systems"][system] = summarise(runs, heads)
+                result["systems"] = {s: summarise([r for r in result["runs"] if r["system"] == s], heads)
+                                     for s in systems if any(r["system"] == s for r in result["runs"])}
                 out = common.write_json(args.out, result)  # after every run: a cut-off benchmark keeps its figures
     plot(result, out.with_suffix(".png"))
     print(table(result))

@@ -20,8 +20,8 @@ from .train import METRICS_FILE
 # the three [n_embd, 32000] heads cost more than the trunk: logits are computed only at labels.
 SMALL_MODEL = dict(n_embd=128, n_layer=3, n_head=4, n_inner=512, n_positions=256, vocab_size=32000,
                    bos_token_id=1, eos_token_id=2, pad_token_id=3)
-SMALL_STEPS = 400
-SMALL_BATCH = 32
+SMALL_STEPS = 360
+SMALL_BATCH = 16
 BASE_STEPS = 300
 BUDGET_FACTOR = 1.25  # a head generates at most 1.25 x its longest training target (in tokens)
 

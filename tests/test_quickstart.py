@@ -17,7 +17,7 @@ import torch
 from gpt2mh.corpus import HEADS
 from test_cli import ok, offline_env, rinna_cache, run_cli
 
-STEPS = 3  # the real default is 600 steps; 3 keep the run (dataset, training, 50-sentence evaluation) short
+STEPS = 3  # the real default is 360 steps; 3 keep the run (dataset, training, 50-sentence evaluation) short
 SHOW = 2
 OUTPUT = "runs/quickstart"  # the default --output-dir, passed explicitly (relative to the run's folder)
 
