@@ -62,7 +62,7 @@ def test_quickstart_end_to_end(tmp_path_factory):
     out = cwd / OUTPUT
     test = read_jsonl(out / "data" / "test.jsonl")
     assert len(read_jsonl(out / "data" / "train.jsonl")) == 450 and len(test) == 50
-    assert lines[0].startswith("dataset: ") and lines[0].endswith("heads reading, entities, pos")
+    assert lines[0].startswith("dataset: ") and lines[0].endswith(f"heads {', '.join(HEADS)}")
 
     # the held-out inputs, every head's output beside its reference
     shown = [line for line in section(lines, f"held-out sentences ({SHOW} of 50)", "per-head held-out scores") if line]
