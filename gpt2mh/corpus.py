@@ -11,9 +11,10 @@ One input (the sentence), three targets of completely different kinds:
 
 Every target is stored as the tokenizer gives it back (decode(encode(target))): rinna's tokenizer
 lowercases and NFKC-normalises, so `/LOC` or `ＡＢＣ` could never be generated; the stored reference is
-what a perfect model outputs. The katakana reading each token carries (Token.reading) is not a head:
-from 450 sentences a model from scratch cannot learn the readings of the test sentences' kanji (see
-README, "quickstart"); it is kept for users who fine-tune rinna on it (`reading_target`).
+what a perfect model outputs. Examples also carry a fourth target, `reading` (the katakana reading,
+READING), which is not a quickstart head: from scratch in the quickstart's budget it scores far below
+converting the input's hiragana to katakana (README, "quickstart"); it is there for fine-tuning rinna
+(`gpt2mh train --heads reading,...`). write_dataset writes the quickstart's HEADS only.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import NamedTuple
 
 from gpt2mh.data import Example, write_jsonl
 
-HEADS = ("tense", "entities", "pos")
+HEADS = ("tense", "entities", "pos")  # the quickstart's heads
+READING = "reading"  # an extra target of every example (not a quickstart head)
 NO_ENTITIES = "なし"
 PAST, NON_PAST = "過去", "現在"
 POS_CODES = {"名詞": "名", "助詞": "助", "動詞": "動", "助動詞": "補", "記号": "記", "接頭詞": "頭", "接続詞": "接",
@@ -159,6 +161,7 @@ def to_example(tokens: list[Token], source: str) -> Example:
         "tense": tense(tokens),
         "entities": " ".join(f"{text}/{etype.lower()}" for text, etype in spans) if spans else NO_ENTITIES,
         "pos": pos_codes(tokens),
+        READING: reading_target(tokens),
     }
     return Example("".join(t.surface for t in tokens), {h: producible(t) for h, t in targets.items()}, source)
 
@@ -167,7 +170,10 @@ def build_examples(split: str = "train") -> list[Example]:
     return [to_example(list(tokens), f"iob_sents.txt:{line}") for line, tokens in _split(split)]
 
 
-def write_dataset(folder) -> dict[str, Path]:
+def write_dataset(folder, heads=HEADS) -> dict[str, Path]:
+    """train.jsonl and test.jsonl in folder, with the targets of `heads` (default: the quickstart's)."""
     folder = Path(folder)
-    return {split: write_jsonl(folder / f"{split}.jsonl", build_examples(split)) for split in ("train", "test")}
+    return {split: write_jsonl(folder / f"{split}.jsonl", [
+        Example(ex.input, {h: ex.targets[h] for h in heads}, ex.source) for ex in build_examples(split)])
+        for split in ("train", "test")}
 
