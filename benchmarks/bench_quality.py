@@ -37,7 +37,7 @@ SYSTEMS = ("shared", "separate", "separate-1/N")
 
 def train_and_score(cfg, heads, test_file, train_examples, tokenizer) -> dict:
     from gpt2mh.evaluate import evaluate_file
-    from gpt2mh.model import MultiHeadGPT2
+    from gpt2mh import MultiHeadGPT2
     from gpt2mh.train import train
 
     t0 = time.perf_counter()

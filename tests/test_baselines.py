@@ -29,7 +29,7 @@ def test_the_strongest_candidate_is_reported():
 def test_per_head_generation_budgets():
     from gpt2mh.config import GPT2Config
     from gpt2mh.evaluate import generate_predictions, head_limits
-    from gpt2mh.model import MultiHeadGPT2
+    from gpt2mh import MultiHeadGPT2
     from gpt2mh.quickstart import generation_budgets
     from gpt2mh.tokenizer import Tokenizer
 
