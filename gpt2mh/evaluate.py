@@ -9,12 +9,12 @@ import math
 import time
 from pathlib import Path
 from functools import partial
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from .corpus import char_accuracy, exact_match
 from .data import Example
+from .metrics import char_accuracy, exact_match
 from .model import GPT2 as MultiHeadGPT2  # the network (type hints only)
 from .packing import PackedExample, collate, pack_examples, packed_loss
 from .prompt import check_vocab
@@ -44,13 +44,15 @@ def eval_loss(model: MultiHeadGPT2, packed: Sequence[PackedExample], pad_id: int
 
 @torch.no_grad()
 def generate_predictions(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads=None,
-                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
+                         max_new_tokens: int | Mapping[str, int] = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
                          progress: bool = False) -> dict[str, list[str]]:
     """Greedy output of each head for each example's input (all heads in one generate call).
+    max_new_tokens: one budget for every head, or {head: budget} (a head not named: DEFAULT_MAX_NEW_TOKENS).
     progress: log "generated k/n examples" lines (at most every PROGRESS_SECONDS, and the last)."""
     from .generate import generate_text
 
     names = [model.head_names[i] for i in model.head_index(heads)]
+    limits = head_limits(max_new_tokens, names)
     out = {h: [] for h in names}
     last_log = time.monotonic()
     for i in range(0, len(examples), batch_size):
@@ -64,11 +66,19 @@ def generate_predictions(model: MultiHeadGPT2, tokenizer, examples: Sequence[Exa
         if room < 1:
             raise ValueError(f"an input of {longest} tokens leaves no room to generate "
                              f"(n_positions={model.config.n_positions})")
-        got = generate_text(model, tokenizer, texts, names, compile=False, max_new_tokens=min(max_new_tokens, room),
+        per_head = {h: {"max_new_tokens": min(limits[h], room)} for h in names}
+        got = generate_text(model, tokenizer, texts, names, per_head=per_head, compile=False,
                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         for h in names:
             out[h] += got[h]
     return out
+
+
+def head_limits(max_new_tokens: int | Mapping[str, int], names: Sequence[str]) -> dict[str, int]:
+    """{head: generation budget} from one int for all heads or a {head: int} mapping."""
+    if isinstance(max_new_tokens, Mapping):
+        return {h: int(max_new_tokens.get(h, DEFAULT_MAX_NEW_TOKENS)) for h in names}
+    return {h: int(max_new_tokens) for h in names}
 
 
 def score_predictions(predictions: dict[str, list[str]], examples: Sequence[Example]) -> dict[str, float]:
@@ -85,7 +95,7 @@ def score_predictions(predictions: dict[str, list[str]], examples: Sequence[Exam
 
 def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads: Sequence[str] | None = None, *,
              batch_size: int = 8, max_length: int | None = None, truncation: str = "truncate",
-             samples: int | None = 32, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             samples: int | None = 32, max_new_tokens: int | Mapping[str, int] = DEFAULT_MAX_NEW_TOKENS,
              loss_weights: dict[str, float] | None = None, bf16: bool = False,
              packed: Sequence[PackedExample] | None = None, progress: bool = False,
              predictions: dict[str, list[str]] | None = None) -> dict[str, float]:
@@ -148,7 +158,7 @@ def run_settings(checkpoint: str | Path) -> dict:
 
 def evaluate_file(model: MultiHeadGPT2, tokenizer, checkpoint: str | Path, data: str | Path,
                   heads: Sequence[str] | None = None, *, samples: int | None = None,
-                  max_new_tokens: int | None = None, input_column: str | None = None, batch_size: int = 8,
+                  max_new_tokens: int | Mapping[str, int] | None = None, input_column: str | None = None, batch_size: int = 8,
                   progress: bool = True) -> tuple[dict[str, float], list[Example], dict[str, list[str]]]:
     """The held-out figures of a checkpoint on a data file, read and scored as its run did (columns,
     input column, max_length, truncation and eval_max_new_tokens from its train_config.json): what

@@ -1,23 +1,29 @@
-"""The offline demo: one Japanese sentence in, three outputs of different kinds out.
+"""The offline demo: one Japanese sentence in, three outputs of completely different kinds out.
 
-hironsancorpus (450 train / 50 test sentences) becomes a multi-task set — the katakana reading,
-the named entities, the part-of-speech sequence — and one small GPT-2 trunk with three heads is
-fine-tuned on it with the real rinna tokenizer. `--base rinna/japanese-gpt2-small` fine-tunes the
-real model instead (from the HF cache or the hub)."""
+hironsancorpus (450 train / 50 test sentences) becomes a multi-task set (gpt2mh.corpus): a sentence
+label (`tense`), an extraction (`entities`), a tag sequence (`pos`). One small GPT-2 trunk with three
+heads is trained on it from scratch with the real rinna tokenizer, and every head's held-out score is
+printed beside its trivial answer (gpt2mh.baselines). `--base rinna/japanese-gpt2-small` fine-tunes
+the real model instead (from the HF cache or the hub)."""
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
 
-from .corpus import HEADS, char_accuracy, write_dataset
+from .corpus import HEADS, build_examples, write_dataset
+from .metrics import char_accuracy
 from .train import METRICS_FILE
 
-# A fresh model small enough to train in a few minutes on 2 CPU cores; the vocabulary is rinna's.
-SMALL_MODEL = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=32000,
+# A fresh model that trains in under 4 minutes on 2 CPU cores; the vocabulary is rinna's (32000), so
+# the three [n_embd, 32000] heads cost more than the trunk: logits are computed only at labels.
+SMALL_MODEL = dict(n_embd=128, n_layer=3, n_head=4, n_inner=512, n_positions=256, vocab_size=32000,
                    bos_token_id=1, eos_token_id=2, pad_token_id=3)
-SMALL_STEPS = 300
+SMALL_STEPS = 360
+SMALL_BATCH = 16
 BASE_STEPS = 300
+BUDGET_FACTOR = 1.25  # a head generates at most 1.25 x its longest training target (in tokens)
 
 
 def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = None, steps: int | None = None,
@@ -27,6 +33,7 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
     (the previous run's checkpoints are removed) unless resume=True, which continues the newest
     checkpoint. Returns {"interrupted": True} when training is stopped by SIGINT/SIGTERM: the
     half-trained model is not evaluated; `command` is how to continue it."""
+    from .baselines import trivial_scores
     from .checkpoint import list_checkpoints
     from .evaluate import evaluate_file
     from .api import MultiHeadGPT2
@@ -47,16 +54,14 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
     elif resume:
         print(f"continuing {previous[-1][1]}" if previous else f"--resume: nothing in {output_dir} yet; starting",
               file=sys.stderr)
+    tok = Tokenizer.from_pretrained(None)  # rinna's, as the run trains with (a --base brings the same one)
     data = write_dataset(output_dir / "data")
+    train_examples = build_examples("train")
     print(f"dataset: {data['train']} and {data['test']} (hironsancorpus, MIT) -> heads {', '.join(HEADS)}")
     cfg = TrainConfig(
-        train_file=str(data["train"]), validation_file=str(data["test"]), heads=list(HEADS),
-        output_dir=str(output_dir), base=base, model_config=None if base else dict(SMALL_MODEL),
-        max_steps=steps or (BASE_STEPS if base else SMALL_STEPS), batch_size=8,
-        learning_rate=5e-5 if base else 5e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
-        weight_decay=0.01 if base else 0.0,
-        dropout=0.0 if base is None else None, eval_every=0, eval_samples=0, save_every=0, keep_last=1,
-        max_length=192, seed=0, device=device, progress=progress, resume=bool(resume and previous),
+        **train_settings(base, steps), train_file=str(data["train"]), validation_file=str(data["test"]),
+        heads=list(HEADS), output_dir=str(output_dir), device=device, progress=progress,
+        resume=bool(resume and previous), eval_max_new_tokens=generation_budgets(train_examples, HEADS, tok),
     )
     result = train(cfg)
     if result.interrupted:
@@ -78,10 +83,16 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         for h in HEADS:
             print(f"  {h:<9} {outputs[h][i]}")
             print(f"  {'(ref)':<9} {ex.targets[h]}")
-    print(f"\nper-head held-out scores on all {n} test sentences (greedy generation):")
-    print(f"  {'head':<9} {'loss':>7} {'char acc':>9} {'exact':>7}")
+    trivial = trivial_scores(test, train_examples, HEADS)
+    print(f"\nper-head held-out scores on all {n} test sentences (greedy generation), beside each head's "
+          f"trivial answer on the same sentences:")
+    print(f"  {'head':<9} {'loss':>7} {'char acc':>9} {'exact':>7}   {'trivial:':<8} {'char acc':>8} {'exact':>7}"
+          f"  {'error cut':>9}  trivial answer")
     for h in HEADS:
-        print(f"  {h:<9} {metrics[f'{h}/loss']:7.3f} {metrics[f'{h}/char_accuracy']:9.3f} {metrics[f'{h}/exact_match']:7.3f}")
+        acc, t = metrics[f"{h}/char_accuracy"], trivial[h]
+        cut = 1 - (1 - acc) / max(1 - t["char_accuracy"], 1e-9)  # how much of the trivial answer's error is gone
+        print(f"  {h:<9} {metrics[f'{h}/loss']:7.3f} {acc:9.3f} {metrics[f'{h}/exact_match']:7.3f}   {'':<8} "
+              f"{t['char_accuracy']:8.3f} {t['exact_match']:7.3f}  {cut:9.0%}  {t['answer']}")
     cross = cross_task_scores(outputs, test)
     print(f"\neach head's outputs scored against every task's references on all {n} test sentences "
           f"(char accuracy; rows: head, cols: task):")
@@ -90,7 +101,24 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         print(f"  {h:<9}" + "".join(f"{cross[h][t]:10.3f}" for t in HEADS))
     print(f"\ncheckpoint: {best}\nthe same scores: gpt2mh eval --model {output_dir} {data['test']}"
           f"\ntry: gpt2mh generate --model {output_dir} 今日は東京で会議がありました。")
-    return {"metrics": metrics, "cross": cross, "checkpoint": best}
+    return {"metrics": metrics, "trivial": trivial, "cross": cross, "checkpoint": best}
+
+
+def train_settings(base: str | None = None, steps: int | None = None) -> dict:
+    """The quickstart's TrainConfig fields other than data, heads and paths (bench_quality.py uses them too)."""
+    return dict(
+        base=base, model_config=None if base else dict(SMALL_MODEL),
+        max_steps=steps or (BASE_STEPS if base else SMALL_STEPS), batch_size=8 if base else SMALL_BATCH,
+        learning_rate=5e-5 if base else 5e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
+        weight_decay=0.01 if base else 0.0, dropout=0.0 if base is None else None,
+        eval_every=0, eval_samples=0, save_every=0, keep_last=1, max_length=192, seed=0,
+    )
+
+
+def generation_budgets(examples, heads, tokenizer) -> dict[str, int]:
+    """{head: max_new_tokens}: BUDGET_FACTOR x the head's longest training target, </s> included."""
+    return {h: math.ceil(BUDGET_FACTOR * max(len(tokenizer.encode(ex.targets[h])) for ex in examples
+                                             if h in ex.targets)) for h in heads}
 
 
 def cross_task_scores(outputs: dict[str, list[str]], examples) -> dict[str, dict[str, float]]:

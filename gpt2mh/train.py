@@ -95,7 +95,7 @@ class TrainConfig:
     # evaluation
     eval_every: int = 200                      # steps; 0: only at the end
     eval_samples: int = 32                     # validation rows generated greedily for EM / char acc
-    eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # also what `gpt2mh eval` uses on this run's checkpoints
+    eval_max_new_tokens: int | dict = DEFAULT_MAX_NEW_TOKENS  # or {head: int}; also what `gpt2mh eval` uses
     eval_batch_size: int | None = None         # None: batch_size
     metric_for_best: str = "loss"              # an evaluate() key, e.g. "reading/char_accuracy"
     greater_is_better: bool | None = None      # None: False for losses and perplexities

@@ -20,7 +20,7 @@ from gpt2mh.hub import DEFAULT_REPO
 from gpt2mh.tokenizer import Tokenizer
 from gpt2mh.train import TrainConfig
 
-HEADS = ("reading", "entities", "pos")  # the corpus' three tasks (gpt2mh.corpus.HEADS)
+HEADS = ("reading", "entities", "pos")  # corpus columns these tests train on (every example carries reading; the quickstart trains gpt2mh.corpus.HEADS)
 
 
 # ---- an offline HF cache (tests/test_hub.py) ----------------------------------------------------
@@ -174,7 +174,7 @@ def make_model(folder: Path) -> Path:
 
 
 # ---- the quickstart run (tests/test_quickstart.py, test_readme.py) -----------------------------
-STEPS = 3  # the real default is 600 steps; 3 keep the run (dataset, training, 50-sentence evaluation) short
+STEPS = 3  # the real default is 360 steps (quickstart.SMALL_STEPS); 3 keep the run (dataset, training, 50-sentence evaluation) short
 SHOW = 2
 OUTPUT = "runs/quickstart"  # the default --output-dir, passed explicitly (relative to the run's folder)
 

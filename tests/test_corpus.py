@@ -1,5 +1,6 @@
 import inspect
 import pickle
+import re
 import sys
 import unicodedata
 
@@ -10,10 +11,8 @@ from gpt2mh.corpus import (
     HEADS,
     Token,
     build_examples,
-    char_accuracy,
     corpus_path,
     entities,
-    exact_match,
     load_sentences,
     parse_iob,
     write_dataset,
@@ -37,20 +36,42 @@ def test_split_sizes_match_the_package():
 def test_first_sentence():
     ex = build_examples("train")[0]
     assert ex.input.startswith("2005年7月14日、南アフリカ共和国ダーバンで")
-    assert ex.targets["entities"].startswith("2005年7月14日/DAT 南アフリカ共和国ダーバン/LOC 世界遺産会議/ORG")
-    assert ex.targets["reading"].startswith("2005ネン7ツキ14ニチ、ミナミアフリカキョウワコクダーバンデ")
-    assert ex.targets["pos"].startswith("名詞 名詞 名詞 名詞 名詞 名詞 記号 名詞")
+    assert ex.targets["entities"].startswith("2005年7月14日/dat 南アフリカ共和国ダーバン/loc 世界遺産会議/org")
+    assert ex.targets["tense"] == "過去"  # …登録が決まった。
+    assert ex.targets["pos"].startswith("名名名名名名記名")  # 2005 年 7 月 14 日 、 南アフリカ
     assert ex.source == "iob_sents.txt:1"
+    reading = ex.targets["reading"]  # an extra target for rinna fine-tuning, not a quickstart head
+    assert reading.startswith("2005ネン7ツキ14ニチ、ミナミアフリカキョウワコクダーバンデ")
     # Every token here has a dictionary reading or is a number: katakana, digits, punctuation only.
-    assert all(is_katakana(c) or c.isdigit() or unicodedata.category(c)[0] == "P" for c in ex.targets["reading"])
+    assert all(is_katakana(c) or c.isdigit() or unicodedata.category(c)[0] == "P" for c in reading)
 
 
 def test_every_example_has_all_three_targets():
-    for ex in build_examples("train") + build_examples("test"):
-        assert set(ex.targets) == set(HEADS)
-        assert all(ex.targets[h].strip() for h in HEADS)
+    train, test = load_sentences()
+    for sent, ex in zip(train + test, build_examples("train") + build_examples("test")):
+        assert set(ex.targets) == {*HEADS, corpus.READING}
+        assert all(ex.targets[h].strip() for h in ex.targets)
         assert ex.input and " " not in ex.input
-        assert len(ex.targets["pos"].split(" ")) == len(ex.targets["pos"].split())
+        assert ex.targets["tense"] in (corpus.PAST, corpus.NON_PAST)
+        assert len(ex.targets["pos"]) == len(sent) and set(ex.targets["pos"]) <= set(corpus.POS_CODES.values())
+
+
+def test_targets_survive_the_tokenizer():
+    # what is stored is what a model with rinna's tokenizer can generate (it lowercases, NFKC-normalises)
+    from gpt2mh.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(None)
+    for ex in build_examples("train") + build_examples("test"):
+        for h, target in ex.targets.items():
+            assert tok.decode(tok.encode(target)) == target, (h, target)
+    assert corpus.producible("ＮＨＫ/LOC") == "nhk/loc"
+
+
+def test_tense_labels_the_final_predicate():
+    ex = {e.input: e.targets["tense"] for e in build_examples("test")}
+    assert ex["タバはイスラエルからの観光客に人気のあるリゾート地である。"] == "現在"
+    labels = [e.targets["tense"] for e in build_examples("train")]
+    assert 0.3 < labels.count("過去") / len(labels) < 0.7  # both labels common: a constant answer is weak
 
 
 def test_readings_are_katakana_unless_the_corpus_has_none():
@@ -67,15 +88,17 @@ def test_readings_are_katakana_unless_the_corpus_has_none():
     assert by_surface["ゅかわ"] == "ュカワ"  # unknown hiragana word -> katakana
 
 
-def test_pos_counts_match_tokens_and_entities_are_typed():
+def test_pos_codes_match_tokens_and_entities_are_typed():
     train, _ = load_sentences()
+    codes = {c: pos for pos, c in corpus.POS_CODES.items()}
+    assert len(codes) == len(corpus.POS_CODES)  # one character per part of speech, none shared
     for sent, ex in zip(train, build_examples("train")):
-        assert ex.targets["pos"].split(" ") == [t.pos for t in sent]
+        assert [codes[c] for c in ex.targets["pos"]] == [t.pos for t in sent]
         assert ex.input == "".join(t.surface for t in sent)
-        if ex.targets["entities"] != "なし":
-            for item in ex.targets["entities"].split(" "):
-                text, _, etype = item.rpartition("/")
-                assert text in ex.input and etype in {"ART", "DAT", "LOC", "MON", "ORG", "PER", "PSN", "TIM"}
+        types = [etype.lower() for _, etype in entities(sent)]
+        assert re.findall(r"/([a-z]+)(?= |$)", ex.targets["entities"]) == types  # text/type, lower case
+        assert set(types) <= {"art", "dat", "loc", "mon", "org", "per", "psn", "tim"}
+        assert (ex.targets["entities"] == "なし") == (not types)
     assert sum(ex.targets["entities"] == "なし" for ex in build_examples("train")) > 0
 
 
@@ -118,21 +141,9 @@ def test_write_dataset_round_trips(tmp_path):
     assert set(paths) == {"train", "test"}
     test, report = read_examples(paths["test"], list(HEADS))
     assert report.kept == 50 and report.skipped == {}
-    assert [(ex.input, ex.targets) for ex in test] == [(ex.input, ex.targets) for ex in build_examples("test")]
-
-
-@pytest.mark.parametrize("pred,ref,acc", [
-    ("", "", 1.0), ("abc", "abc", 1.0), ("", "abcd", 0.0), ("abcd", "", 0.0),
-    ("abxd", "abcd", 0.75), ("abd", "abcd", 0.75), ("xabcd", "abcd", 0.75),
-    ("wxyz" * 5, "abcd", 0.0), ("カタカナ", "カタカナ", 1.0), ("カタカ", "カタカナ", 0.75),
-])
-def test_char_accuracy(pred, ref, acc):
-    assert char_accuracy(pred, ref) == pytest.approx(acc)
-
-
-def test_levenshtein_symmetry_and_exact_match():
-    assert corpus.levenshtein("kitten", "sitting") == corpus.levenshtein("sitting", "kitten") == 3
-    assert exact_match("ア", "ア") == 1.0 and exact_match("ア", "ア ") == 0.0
+    assert report.ignored_columns == []  # only the quickstart's heads are written
+    assert [(ex.input, ex.targets) for ex in test] == [
+        (ex.input, {h: ex.targets[h] for h in HEADS}) for ex in build_examples("test")]
 
 
 def test_no_pickle_and_no_import_of_the_package_parser(monkeypatch):

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HEADS, OUTPUT, ROOT, console_script, ok, offline_env, quickstart_run, rinna_cache, run_cli
+from gpt2mh.corpus import HEADS  # the quickstart's, which the README's commands and blocks use
+from helpers import OUTPUT, ROOT, console_script, ok, offline_env, quickstart_run, rinna_cache, run_cli
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)

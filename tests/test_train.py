@@ -9,13 +9,13 @@ import re
 import pytest
 import torch
 
-from gpt2mh.corpus import HEADS, char_accuracy
 from gpt2mh.data import DataError, write_jsonl
+from gpt2mh.metrics import char_accuracy
 from gpt2mh import MultiHeadGPT2
 from gpt2mh.evaluate import evaluate, generate_predictions
 from gpt2mh.train import TrainConfig, TrainingDiverged, train
 from gpt2mh.checkpoint import latest_checkpoint
-from helpers import TINY_MODEL, records, short_examples, tiny_config, tokenizer, write_data
+from helpers import HEADS, TINY_MODEL, records, short_examples, tiny_config, tokenizer, write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

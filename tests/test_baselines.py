@@ -1,0 +1,49 @@
+"""Trivial answers (gpt2mh.baselines) and per-head generation budgets: what the quickstart prints beside
+each head's score, and how long each head may generate."""
+import pytest
+import torch
+
+from gpt2mh.baselines import candidates, trivial_scores
+from gpt2mh.corpus import HEADS, build_examples
+from gpt2mh.data import Example
+
+
+def test_trivial_answers_of_the_quickstart_tasks():
+    train, test = build_examples("train"), build_examples("test")
+    got = trivial_scores(test, train, HEADS)
+    assert got["tense"]["answer"] == "always 現在" and got["tense"]["exact_match"] == pytest.approx(0.52)
+    assert got["entities"]["answer"] == "always なし" and got["entities"]["exact_match"] == pytest.approx(0.22)
+    assert got["pos"]["answer"].startswith("名 x 0.59 x input chars")
+    assert got["pos"]["char_accuracy"] == pytest.approx(0.398, abs=5e-4) and got["pos"]["exact_match"] == 0
+
+
+def test_the_strongest_candidate_is_reported():
+    train = [Example("aaaa", {"t": "xx"}, ""), Example("bb", {"t": "x"}, ""), Example("cc", {"t": "x"}, "")]
+    test = [Example("aaaaaa", {"t": "xxx"}, "")]
+    assert set(candidates(train, "t")) == {"always x", "always xx"}
+    assert set(candidates(train, "t", tags=True)) == {"always x", "always xx", "x x 0.50 x input chars"}
+    best = trivial_scores(test, train, ["t"], tag_heads=["t"])["t"]
+    assert best == {"answer": "x x 0.50 x input chars", "char_accuracy": 1.0, "exact_match": 1.0}
+
+
+def test_per_head_generation_budgets():
+    from gpt2mh.config import GPT2Config
+    from gpt2mh.evaluate import generate_predictions, head_limits
+    from gpt2mh import MultiHeadGPT2
+    from gpt2mh.quickstart import generation_budgets
+    from gpt2mh.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(None)
+    budgets = generation_budgets(build_examples("train"), HEADS, tok)
+    longest = {h: max(len(tok.encode(e.targets[h])) for e in build_examples("train")) for h in HEADS}
+    assert all(longest[h] * 1.25 <= budgets[h] < longest[h] * 1.25 + 1 for h in HEADS)
+    assert head_limits(7, ["a", "b"]) == {"a": 7, "b": 7} and head_limits({"a": 2}, ["a", "b"]) == {"a": 2, "b": 128}
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64, vocab_size=tok.vocab_size,
+                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    model = MultiHeadGPT2(cfg, ["a", "b"]).eval()
+    with torch.no_grad():
+        model.heads[:, :, tok.eos_id] = -1e4  # never stops: every head uses its whole budget
+    out = generate_predictions(model, tok, [Example("今日は雨。", {}, "")], ["a", "b"], {"a": 1, "b": 5})
+    n = {h: len(tok.encode(out[h][0], add_eos=False)) - 1 for h in "ab"}  # re-encoding adds a leading "▁"
+    assert n["a"] <= 1 < n["b"] <= 5
