@@ -13,11 +13,11 @@ PKG = Path(__file__).resolve().parents[1] / "gpt2mh"
 
 # Lowest first. A module may import only modules of lower layers (never its own layer or above).
 LAYERS = [
-    ("leaves: stdlib/torch only", {"config", "atomic", "prompt", "hub", "sampling"}),
+    ("leaves: stdlib/torch only", {"config", "atomic", "prompt", "hub", "sampling", "metrics"}),
     ("the network; data in", {"model", "inputs", "data", "tokenizer", "packing"}),
     ("kernels, weights on disk", {"linear", "weights", "corpus"}),
     ("int8, decoding, checkpoints", {"quantize", "generate", "checkpoint"}),
-    ("scoring, metrics", {"score", "evaluate"}),
+    ("scoring, metrics", {"score", "evaluate", "baselines"}),
     ("user API, fine-tuning, export", {"api", "train", "export"}),
     ("demo", {"quickstart"}),
     ("command line", {"cli"}),
