@@ -459,9 +459,8 @@ def _sample_top_k(scores: Tensor, noise: Tensor, c: Controls, plan: Plan) -> Ten
     K = plan.top_k
     vals, idx = x.topk(K)  # (S, K) descending
     t = F.pad(vals, (0, 1), value=_NEG_INF).gather(1, c.top_k_index[:, None])  # (S, 1); -inf for greedy streams
-    tied = x == t  # (S, V)
-    rank = tied.cumsum(-1)  # (S, V): tied tokens up to and including each position
-    m = rank[:, -1:].float()  # (S, 1) tokens equal to t
+    counts, chunks = _chunk_counts(x == t)
+    m = counts[:, -1:].float()  # (S, 1) tokens equal to t
     top = vals[:, :1].nan_to_num(0.0, 0.0, 0.0)  # (S, 1); a dead row (all -inf) gets weights 0, not NaN
     w = torch.where(vals > t, (vals - top).exp(), 0.0)  # (S, K) candidates above t
     wt = (t - top).exp()  # (S, 1) one tied token; 0 when t = -inf
@@ -482,9 +481,28 @@ def _sample_top_k(scores: Tensor, noise: Tensor, c: Controls, plan: Plan) -> Ten
     race = torch.where(weights > 0, weights / noise[:, :-1], 0.0)
     win = race.argmax(-1, keepdim=True)  # (S, 1); K = the tied group
     pick = (noise[:, -1:].neg().exp() * m).floor().clamp(max=m - 1)  # (S, 1) uniform in [0, m): exp(-E) ~ U
-    member = torch.searchsorted(rank, pick.long() + 1).clamp(max=x.shape[1] - 1)  # the (pick + 1)-th tied token
+    member = _nth_true(counts, chunks, pick.long() + 1).clamp(max=x.shape[1] - 1)  # the (pick + 1)-th tied token
     tok = torch.where(win < K, idx.gather(1, win.clamp(max=K - 1)), member)[:, 0]
     return torch.where(c.do_sample, tok, scores.argmax(-1))
+
+
+_CHUNK = 256  # columns per chunk in _chunk_counts: a [S, V] cumsum costs ~10 vocab-wide passes on CPU
+
+
+def _chunk_counts(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """mask (S, V) bool -> (cumulative True count per chunk of _CHUNK columns (S, n), the chunks (S, n, _CHUNK))."""
+    S, V = mask.shape
+    n = -(-V // _CHUNK)
+    chunks = F.pad(mask, (0, n * _CHUNK - V)).view(S, n, _CHUNK)
+    return chunks.sum(-1).cumsum(-1), chunks
+
+
+def _nth_true(counts: Tensor, chunks: Tensor, k: Tensor) -> Tensor:
+    """(S, 1) column of the k-th True per row (k >= 1, (S, 1) long), from `_chunk_counts`."""
+    c = torch.searchsorted(counts, k).clamp(max=counts.shape[1] - 1)  # (S, 1) the chunk that holds it
+    before = torch.where(c > 0, counts.gather(1, (c - 1).clamp(min=0)), 0)
+    inside = chunks.gather(1, c[:, :, None].expand(-1, 1, chunks.shape[2]))[:, 0].cumsum(-1)  # (S, _CHUNK)
+    return c * chunks.shape[2] + torch.searchsorted(inside, k - before)
 
 
 def has_nonfinite(scores: Tensor) -> Tensor:
