@@ -197,6 +197,14 @@ class GPT2(nn.Module):
             return list(range(len(self.head_names)))
         if isinstance(names, str):
             names = [names]
+        given = names
+        try:
+            names = list(names)
+        except TypeError:
+            names = [given]
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"heads takes a head name, a list of head names or None (all heads), got {given!r}; "
+                            f"this model has heads {list(self.head_names)}")
         unknown = [n for n in names if n not in self.head_names]
         if unknown:
             raise KeyError(f"unknown head(s) {unknown}; this model has heads {list(self.head_names)}")
