@@ -271,7 +271,10 @@ class GPT2(nn.Module):
 def check_head_names(names: Sequence[str]) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [names]
-    names = tuple(names)
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(f"head names must be a name or a list of names (one per head), got {names!r}") from None
     if not names:
         raise ValueError("a model needs at least one head (got an empty list of head names)")
     for n in names:

@@ -186,3 +186,28 @@ def test_quickstart_steps_zero_is_refused_in_python_too(steps, tmp_path):
     with pytest.raises(ValueError, match=r"steps must be a whole number >= 1"):
         quickstart(tmp_path / "run", steps=steps)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("heads", [0, 2.5])
+def test_model_built_with_a_non_list_of_head_names(model, heads, tmp_path):
+    # GPT2(config, 0) and from_pretrained(..., heads=0) were "'int' object is not iterable"
+    with pytest.raises(TypeError, match=rf"head names must be a name or a list of names .*got {heads}"):
+        MultiHeadGPT2(model.config, heads)
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(TypeError, match=r"head names must be a name or a list of names"):
+        MultiHeadGPT2.from_pretrained(tmp_path / "ckpt", heads=heads)
+
+
+@pytest.mark.parametrize("folder", ["", "  "])
+def test_empty_folder_names_are_not_the_current_folder(model, folder, tmp_path, monkeypatch):
+    # save_pretrained("") wrote the checkpoint into the current folder; from_pretrained("") loaded it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"save_pretrained: folder must be a folder path"):
+        model.save_pretrained(folder)
+    model.save_pretrained(".")  # "." said so: allowed
+    with pytest.raises(ValueError, match=r"checkpoint '\s*': give a checkpoint folder or a hub id"):
+        MultiHeadGPT2.from_pretrained(folder)
+    with pytest.raises(TypeError, match=r"checkpoint must be a folder path or a hub id"):
+        MultiHeadGPT2.from_pretrained(None)
+    with pytest.raises(TypeError, match=r"save_pretrained: folder must be a folder path, got None"):
+        model.save_pretrained(None)
