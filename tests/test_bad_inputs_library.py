@@ -211,3 +211,13 @@ def test_empty_folder_names_are_not_the_current_folder(model, folder, tmp_path, 
         MultiHeadGPT2.from_pretrained(None)
     with pytest.raises(TypeError, match=r"save_pretrained: folder must be a folder path, got None"):
         model.save_pretrained(None)
+
+
+@pytest.mark.parametrize("head", [["a", "b"], 0, None])
+def test_export_hf_takes_one_head_name(model, head, tmp_path):
+    from gpt2mh.export import export_hf
+
+    # a list or None (all heads) was "too many values to unpack (expected 1)"
+    with pytest.raises(TypeError, match=r"export_hf exports one head: head must be one of \['a', 'b'\]"):
+        export_hf(model, head, tmp_path / "out", tokenizer=False)
+    assert not (tmp_path / "out").exists()
