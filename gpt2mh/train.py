@@ -264,7 +264,7 @@ class TrainConfig:
             else:
                 d = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+            raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: {e}") from None
         except ValueError as e:
