@@ -295,6 +295,8 @@ def _plain(value):
     """pathlib paths -> str, numpy scalars -> Python numbers (np.int64(4) is not an int)."""
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()  # heads=np.array(["a", "b"]): a list of str
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, np.integer):

@@ -105,6 +105,7 @@ def test_numpy_scalars_and_paths_are_plain_values(tmp_path):
     assert type(cfg.learning_rate) is float and cfg.learning_rate == pytest.approx(1e-3)
     assert type(cfg.seed) is int and cfg.freeze_trunk is True
     assert type(cfg.model_config["n_layer"]) is int and type(cfg.loss_weights["a"]) is float
+    assert config(heads=np.array(["a", "b"])).heads == ["a", "b"]
     with pytest.raises(TypeError, match=r"batch_size must be int, got 4\.0"):
         config(batch_size=np.float64(4.0))  # a float is still not a count
 
