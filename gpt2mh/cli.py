@@ -325,8 +325,10 @@ def cmd_train(args) -> None:
         pick_device(args.device)
     try:
         cfg = TrainConfig.from_file(args.config) if args.config else None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--config {args.config}: not UTF-8 text ({e}); save it as UTF-8") from None
+    except ValueError as e:  # TrainConfig.from_file names the file: "PATH: not UTF-8 text (...)"
+        if "not UTF-8 text" in str(e):
+            raise UsageError(f"--config {e}") from None
+        raise
     overrides = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
     try:
         overrides.update(parse_set(args.set or []))

@@ -156,7 +156,9 @@ def write_jsonl(path, examples: list[Example]) -> Path:
 
 
 def _head_columns(heads: list[str], columns: dict[str, str] | None) -> dict[str, str]:
-    heads = [heads] if isinstance(heads, str) else list(heads)  # one name, not its characters
+    if heads is None or not hasattr(heads, "__iter__"):
+        raise TypeError(f"heads must be a head name or a list of head names (the target columns), got {heads!r}")
+    heads = [heads] if isinstance(heads, str) else [str(h) if isinstance(h, str) else h for h in heads]
     if not heads:
         raise ValueError("at least one head is needed")
     for head in heads:
@@ -166,6 +168,8 @@ def _head_columns(heads: list[str], columns: dict[str, str] | None) -> dict[str,
     if dupes:
         raise ValueError(f"duplicate head names: {', '.join(dupes)}")
     columns = columns or {}
+    if not isinstance(columns, dict):
+        raise TypeError(f"columns must be a dict head -> column name, got {columns!r}")
     unknown = sorted(set(columns) - set(heads))
     if unknown:
         raise ValueError(f"columns= names heads that are not in heads: {', '.join(unknown)}")

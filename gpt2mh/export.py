@@ -35,6 +35,8 @@ def export_hf(model: GPT2, head: str, out_dir: str | Path, tokenizer=None, *,
     tokenizer: a `gpt2mh.Tokenizer` (None: the packaged rinna tokenizer; False: no tokenizer files).
     An existing `out_dir` is replaced only if it is empty or a previous export, unless overwrite=True
     (which replaces the whole folder: stale files such as a gpt2mh.json would change how it loads)."""
+    if not isinstance(head, str):  # one head per export; a list would unpack badly
+        raise TypeError(f"export_hf exports one head: head must be one of {list(model.head_names)}, got {head!r}")
     (index,) = model.head_index(head)  # KeyError naming the model's heads
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)

@@ -4,6 +4,7 @@ Downloads land in the standard HF cache, so a model already fetched by transform
 and HF_HUB_OFFLINE=1 is honoured."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DEFAULT_REPO = "rinna/japanese-gpt2-small"
@@ -20,6 +21,10 @@ def looks_like_path(src: str) -> bool:
 
 def resolve_checkpoint(src: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """A local folder as it is, or a hub repo id -> the folder of its cached snapshot."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a folder path or a hub id such as {DEFAULT_REPO!r}, got {src!r}")
+    if not str(src).strip():  # "" is not the current folder
+        raise ValueError(f"checkpoint {src!r}: give a checkpoint folder or a hub id such as {DEFAULT_REPO!r}")
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():

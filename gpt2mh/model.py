@@ -197,6 +197,14 @@ class GPT2(nn.Module):
             return list(range(len(self.head_names)))
         if isinstance(names, str):
             names = [names]
+        given = names
+        try:
+            names = list(names)
+        except TypeError:
+            names = [given]
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"heads takes a head name, a list of head names or None (all heads), got {given!r}; "
+                            f"this model has heads {list(self.head_names)}")
         unknown = [n for n in names if n not in self.head_names]
         if unknown:
             raise KeyError(f"unknown head(s) {unknown}; this model has heads {list(self.head_names)}")
@@ -263,7 +271,10 @@ class GPT2(nn.Module):
 def check_head_names(names: Sequence[str]) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [names]
-    names = tuple(names)
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(f"head names must be a name or a list of names (one per head), got {names!r}") from None
     if not names:
         raise ValueError("a model needs at least one head (got an empty list of head names)")
     for n in names:

@@ -40,6 +40,8 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
     from .tokenizer import Tokenizer
     from .train import TrainConfig, train
 
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a whole number >= 1 (None: the default), got {steps!r}")
     output_dir = Path(output_dir)
     previous = list_checkpoints(output_dir)
     if previous and not resume:

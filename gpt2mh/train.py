@@ -113,8 +113,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if isinstance(getattr(self, f.name), os.PathLike):
-                setattr(self, f.name, os.fspath(getattr(self, f.name)))
+            setattr(self, f.name, _plain(getattr(self, f.name)))
             _check_type(f.name, getattr(self, f.name), f.type)
         for name in ("heads", "train_heads", "add_heads"):
             names = getattr(self, name)
@@ -133,13 +132,22 @@ class TrainConfig:
             (self.truncation in TRUNCATION, f"truncation must be one of {TRUNCATION}, got {self.truncation!r}"),
             (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}"),
             (self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
-             "batch_size and gradient_accumulation_steps must be >= 1"),
-            (self.batch_size % self.gradient_accumulation_steps == 0,
+             f"batch_size and gradient_accumulation_steps must be >= 1, got batch_size={self.batch_size}, "
+             f"gradient_accumulation_steps={self.gradient_accumulation_steps}"),
+            (self.gradient_accumulation_steps < 1 or self.batch_size % self.gradient_accumulation_steps == 0,
              f"batch_size={self.batch_size} is not divisible by gradient_accumulation_steps="
              f"{self.gradient_accumulation_steps} (batch_size counts the examples of a whole optimizer step)"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.epochs is None or 0 < self.epochs < math.inf, f"epochs must be finite and > 0, got {self.epochs}"),
+            (0 < self.learning_rate < math.inf, f"learning_rate must be finite and > 0, got {self.learning_rate}"),
+            (0 <= self.weight_decay < math.inf, f"weight_decay must be finite and >= 0, got {self.weight_decay}"),
+            (0 < self.adam_eps < math.inf, f"adam_eps must be finite and > 0, got {self.adam_eps}"),
+            (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.max_grad_norm is None or 0 <= self.max_grad_norm < math.inf,
+             f"max_grad_norm must be None or 0 (no clipping) or a finite number > 0, got {self.max_grad_norm}"),
+            (0 <= self.seed < SEED_LIMIT, f"seed must be an integer in [0, 2**32), got {self.seed}"),
             (0.0 <= self.validation_fraction < 1.0, f"validation_fraction must be in [0, 1), got {self.validation_fraction}"),
             (not (self.validation_file and self.validation_fraction),
              "give validation_file or validation_fraction, not both"),
@@ -148,6 +156,13 @@ class TrainConfig:
             (min(self.eval_every, self.save_every, self.eval_samples, self.warmup_steps) >= 0,
              "eval_every, save_every, eval_samples and warmup_steps must be >= 0"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1 or None (None: batch_size), got {self.eval_batch_size}"),
+            (self.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             f"early_stopping_patience must be >= 1 or None (None: no early stopping), "
+             f"got {self.early_stopping_patience}"),
+            (self.train_heads != [], "train_heads=[] trains no head; give the heads to train, or None for all"),
             (self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
             (self.base is not None or self.model_config is not None or self.resume,
              "set base (a HF folder or hub id such as rinna/japanese-gpt2-small, or a gpt2mh checkpoint) "
@@ -158,15 +173,35 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("train_file", "input_column", "output_dir", "validation_file", "base", "tokenizer", "resume"):
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                raise ValueError(f"{name} is an empty string; give a value" + ("" if name in
+                                 ("train_file", "input_column", "output_dir") else " or leave it unset"))
+        bad = {h: c for h, c in (self.columns or {}).items() if not (isinstance(c, str) and c.strip())}
+        if bad:
+            raise ValueError(f"columns maps each head to a column name (a non-empty string): {bad}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device={self.device!r} is not a torch device ({str(e).splitlines()[0][:60]}...); "
+                                 f"use e.g. 'cpu', 'cuda' or 'cuda:1', or None for cuda when available") from None
         for name in ("heads", "train_heads", "add_heads"):
             if getattr(self, name):  # None / []: not given
                 try:
                     check_head_names(getattr(self, name))
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
-        bad = {h: w for h, w in (self.loss_weights or {}).items() if not (math.isfinite(w) and w >= 0)}
+        for name in ("heads", "add_heads"):  # new heads: names the command line can address
+            odd = [n for n in getattr(self, name) or [] if n != n.strip() or any(c in n for c in ",:")]
+            if odd:
+                raise ValueError(f"{name}: head name(s) {odd} contain ',' or ':' or start or end with a space; the "
+                                 f"command line could not name them (--heads a,b / --head NAME:key=value): "
+                                 f"rename them")
+        bad = {h: w for h, w in (self.loss_weights or {}).items()
+               if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0)}
         if bad:
-            raise ValueError(f"loss_weights must be finite and >= 0: {bad}")
+            raise ValueError(f"loss_weights must be finite numbers >= 0: {bad}")
         if model is not None:
             self._check_against(model, device, world)
         if validation is not None:
@@ -221,14 +256,18 @@ class TrainConfig:
     def from_file(cls, path) -> "TrainConfig":
         """A TOML or JSON file of TrainConfig fields (omit a key for its default; TOML has no null)."""
         path = Path(path)
+        if path.suffix not in (".toml", ".json"):
+            raise ValueError(f"{path}: a training config is a .toml or .json file")
         try:
             if path.suffix == ".toml":
                 d = tomllib.loads(path.read_text(encoding="utf-8"))
-            elif path.suffix == ".json":
-                d = json.loads(path.read_text(encoding="utf-8"))
             else:
-                raise ValueError(f"{path}: a training config is a .toml or .json file")
+                d = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a table of settings")
@@ -239,6 +278,36 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SEED_LIMIT = 2**32  # the CLI's --seed range too (the data order multiplies the seed by 1_000_003)
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate key(s) {dup}: each setting may appear once (JSON keeps only the last)")
+    return dict(pairs)
+
+
+def _plain(value):
+    """pathlib paths -> str, numpy scalars -> Python numbers (np.int64(4) is not an int)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()  # heads=np.array(["a", "b"]): a list of str
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
@@ -701,6 +770,17 @@ def nonfinite_grad_heads(run: Run) -> list[str]:
     return bad or ["the trunk"]
 
 
+def nonfinite_weights(run: Run) -> list[str]:
+    """The heads (by name) and trunk parameters (the first 3) holding NaN/inf; [] when all are finite."""
+    heads = run.model.heads.detach()
+    bad = [h for k, h in enumerate(run.heads.names) if not torch.isfinite(heads[k]).all()]
+    trunk = [n for n, t in run.model.transformer.named_parameters() if not torch.isfinite(t).all()]
+    if trunk:
+        bad.append(f"the trunk ({', '.join(f'transformer.{n}' for n in trunk[:3])}"
+                   + (f" and {len(trunk) - 3} more" if len(trunk) > 3 else "") + ")")
+    return bad
+
+
 def diverged(run: Run, what: str, heads: list[str]) -> None:
     step = run.progress.step + 1
     last = run.progress.last_checkpoint
@@ -742,9 +822,9 @@ def save(run: Run) -> Path:
     rng = d.gather(ckpt.rng_state())
     path = run.out / f"{ckpt.PREFIX}{p.step}"
     if d.main:
-        bad = [n for n, t in run.model.named_parameters() if not torch.isfinite(t).all()]
+        bad = nonfinite_weights(run)
         if bad:
-            diverged(run, "the weights", [n.split(".")[0] for n in bad[:3]])
+            diverged(run, "the weights", bad)
         n = len(run.data.train)
         state = {"step": p.step, "epoch": p.step * cfg.batch_size // n,
                  "examples_seen": p.step * cfg.batch_size, "dataset_size": n,

@@ -358,6 +358,10 @@ def save_model(model: GPT2, folder: str | Path, tokenizer=None) -> Path:
     """A gpt2mh checkpoint folder: config.json, model.safetensors (trunk + heads), gpt2mh.json.
 
     Each file is written atomically (temp file, fsync, rename)."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"save_pretrained: folder must be a folder path, got {folder!r}")
+    if not str(folder).strip():  # "" would be the current folder
+        raise ValueError(f"save_pretrained: folder must be a folder path, got {folder!r}")
     folder = Path(folder)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # The head names also go into the weights file, so a copy without gpt2mh.json still knows them.
