@@ -128,6 +128,9 @@ class TrainConfig:
         settings decide by themselves. With the model, the device and the process count (setup):
         head names, lengths, bf16, the batch split. With `validation` (does the run have a
         validation set?): the settings that need one."""
+        limits = self.eval_max_new_tokens
+        budgets = list(limits.values()) if isinstance(limits, dict) else [limits]
+        unknown = sorted(set(limits) - set(self.heads or limits)) if isinstance(limits, dict) else []
         checks = [
             (self.truncation in TRUNCATION, f"truncation must be one of {TRUNCATION}, got {self.truncation!r}"),
             (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}"),
@@ -158,7 +161,9 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.eval_batch_size is None or self.eval_batch_size >= 1,
              f"eval_batch_size must be >= 1 or None (None: batch_size), got {self.eval_batch_size}"),
-            (self.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}"),
+            (all(isinstance(n, int) and n >= 1 for n in budgets),
+             f"eval_max_new_tokens must be >= 1 (an int, or {{head: int}}), got {self.eval_max_new_tokens!r}"),
+            (not unknown, f"eval_max_new_tokens names head(s) {unknown} that are not in heads={self.heads}"),
             (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
              f"early_stopping_patience must be >= 1 or None (None: no early stopping), "
              f"got {self.early_stopping_patience}"),

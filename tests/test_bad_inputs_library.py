@@ -89,6 +89,9 @@ def test_gradient_accumulation_zero_is_a_message_not_zero_division():
     ("eval_batch_size", 0, r"eval_batch_size must be >= 1 or None"),                    # 0 became batch_size
     ("eval_max_new_tokens", 0, r"eval_max_new_tokens must be >= 1"),
     ("eval_max_new_tokens", -3, r"eval_max_new_tokens must be >= 1"),
+    ("eval_max_new_tokens", {"a": 0}, r"eval_max_new_tokens must be >= 1"),      # per head (the quickstart's form)
+    ("eval_max_new_tokens", {"a": 2.5}, r"eval_max_new_tokens must be >= 1"),
+    ("eval_max_new_tokens", {"b": 8}, r"names head\(s\) \['b'\] that are not in heads"),  # a typo fell back to the default
     ("train_heads", [], r"train_heads=\[\] trains no head"),                           # [] trained every head
 ])
 def test_integer_and_list_settings_that_meant_something_else(key, value, match):
