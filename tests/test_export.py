@@ -233,8 +233,6 @@ CAPITALS = ["BBCのＮＨＫ記者が2024年に来日した。", "ＧＰＴ-2と
 def test_what_export_hf_prints_gives_gpt2mhs_greedy_output_in_transformers(model, exported, hf_models):
     # The lines `gpt2mh export-hf` prints (gpt2mh/cli.py cmd_export), followed in transformers: ids and
     # greedy continuations equal gpt2mh's on Latin capitals, full-width letters and digits.
-    from gpt2mh.prompt import encode_prompts
-
     ours_tok = Tokenizer.from_pretrained(RINNA_FIXTURE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -245,20 +243,13 @@ def test_what_export_hf_prints_gives_gpt2mhs_greedy_output_in_transformers(model
         ids = tokenizer.encode(text)
         assert ids == ours_tok.encode(text), text
         assert before != ids and 0 in before  # without it: capitals -> <unk>; the line is needed
-        with torch.no_grad():
-            hf_out = hf_models["b"].generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
-                                             pad_token_id=CONFIG.pad_token_id)
-        input_ids, mask = encode_prompts(ours_tok, [text], model)
-        ours = model.generate(input_ids, mask, heads=["b"], max_new_tokens=8, compile=False)["b"]
-        assert torch.equal(hf_out[:, len(ids):], ours), text
+        assert_same_greedy(hf_models["b"], model, ours_tok, text, ids)
 
 
 # ---- the fast tokenizer (tokenizer.json, issue 10) ---------------------------------------------
 def test_fast_tokenizer_lowercases_and_gives_gpt2mhs_ids_and_greedy_output(model, exported, hf_models):
     # AutoTokenizer.from_pretrained(out), no flag and no line to set by hand: tokenizer.json's normalizer
     # lowercases first, then applies spiece.model's own NFKC map, as gpt2mh.Tokenizer does.
-    from gpt2mh.prompt import encode_prompts
-
     ours_tok = Tokenizer.from_pretrained(RINNA_FIXTURE)
     fast = transformers.AutoTokenizer.from_pretrained(exported["b"])
     assert fast.is_fast and (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id, fast.unk_token_id) == (1, 2, 3, 0)
@@ -267,13 +258,19 @@ def test_fast_tokenizer_lowercases_and_gives_gpt2mhs_ids_and_greedy_output(model
         assert ids == ours_tok.encode(text), text
         assert fast.decode(ids, skip_special_tokens=True) == ours_tok.decode(ids), text
     for text in CAPITALS:
-        ids = fast.encode(text)
-        with torch.no_grad():
-            hf_out = hf_models["b"].generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
-                                             pad_token_id=CONFIG.pad_token_id)
-        input_ids, mask = encode_prompts(ours_tok, [text], model)
-        ours = model.generate(input_ids, mask, heads=["b"], max_new_tokens=8, compile=False)["b"]
-        assert torch.equal(hf_out[:, len(ids):], ours), text
+        assert_same_greedy(hf_models["b"], model, ours_tok, text, fast.encode(text))
+
+
+def assert_same_greedy(hf_model, model, ours_tok, text: str, ids: list[int]) -> None:
+    """8 greedy tokens of the exported head "b" in transformers (from the HF tokenizer's ids) == gpt2mh's."""
+    from gpt2mh.prompt import encode_prompts
+
+    with torch.no_grad():
+        hf_out = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
+                                   pad_token_id=CONFIG.pad_token_id)
+    input_ids, mask = encode_prompts(ours_tok, [text], model)
+    ours = model.generate(input_ids, mask, heads=["b"], max_new_tokens=8, compile=False)["b"]
+    assert torch.equal(hf_out[:, len(ids):], ours), text
 
 
 def test_fast_tokenizer_charsmap_is_the_models(exported):
