@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .inputs import prompt_batch, prompt_width
 from .linear import prepack_model
-from .model import GPT2, attention_mask_4d, position_ids_from_mask
+from .model import GPT2, attention_mask_4d, heads_matmul, position_ids_from_mask
 from .prompt import check_vocab, encode_prompts
 from .sampling import SamplingConfig, build_controls, draw, has_nonfinite, noise_width, processors
 
@@ -87,14 +87,6 @@ def bad_rows(logits, scores, unfinished):
     banned id). Checked on the host every CHECK_EVERY steps."""
     flags = has_nonfinite(logits).long() | (scores.isneginf().all(-1).long() * NOTHING_LEFT)
     return flags * unfinished
-
-
-def heads_matmul(h, heads):
-    """(N, M, C) @ (N, C, V) -> (N, M, V). A baddbmm, not a bmm: on CPU, inductor lowers a bmm with
-    M = 1 to an elementwise multiply-and-sum that runs ~3x slower than MKL's GEMV."""
-    if not isinstance(heads, torch.Tensor):  # int8 heads (gpt2mh.quantize)
-        return heads.matmul(h)
-    return torch.baddbmm(h.new_zeros(()), h, heads, beta=0)
 
 
 _compiled: dict[str, object] = {}

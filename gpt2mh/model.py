@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.n_head, self.n_embd = config.n_head, config.n_embd
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
-        self.attn_pdrop = config.attn_pdrop
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)  # its p goes to SDPA's dropout_p (HF's name)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.kv_cache: KVCache | None = None
 
@@ -74,7 +74,7 @@ class Attention(nn.Module):
             if mask is None:  # is_causal would align to cache slot 0, not to input_pos
                 raise ValueError("with a KV cache, pass a (B, 1, T, L) bool attention mask")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, L, hs)
-        dropout = self.attn_pdrop if self.training else 0.0
+        dropout = self.attn_dropout.p if self.training else 0.0
         # mask None: plain causal self-attention (forward() without padding; the trainer always passes a mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -127,6 +127,20 @@ def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 1/0 key mask -> (B, 1, T, T) bool: causal and not a pad key (no cache)."""
     T = attention_mask.size(-1)
     return attention_mask_4d(attention_mask.bool(), torch.arange(T, device=attention_mask.device))
+
+
+def heads_matmul(h: torch.Tensor, heads) -> torch.Tensor:
+    """The one head-logits function: (N, M, C) or (1, M, C) @ heads (N, C, V) -> (N, M, V).
+
+    Per-head rows (N, M, C) are what decoding has (each head continues its own streams); a leading 1
+    is one set of hidden states shared by every head (training, scoring). A baddbmm, not a bmm: on
+    CPU, inductor lowers a bmm with M = 1 to an elementwise multiply-and-sum that runs ~3x slower
+    than MKL's GEMV. `heads` may also be a head kernel with the same contract (int8 mode,
+    gpt2mh.quantize.Int8Heads.matmul)."""
+    h = h.expand(heads.size(0), -1, -1)  # (N, M, C), a view when shared
+    if not isinstance(heads, torch.Tensor):
+        return heads.matmul(h)
+    return torch.baddbmm(h.new_zeros(()), h, heads, beta=0)
 
 
 class GPT2(nn.Module):
@@ -244,14 +258,10 @@ class GPT2(nn.Module):
                 x = block(x, mask, input_pos)
         return t.ln_f(x)
 
-    def head_logits(self, h: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+    def head_logits(self, h: torch.Tensor, heads=None) -> torch.Tensor:
         """Every head on the same hidden states: (..., C) -> (N, ..., V), one batched matmul."""
         heads = self.heads if heads is None else heads
-        flat = h.reshape(1, -1, h.size(-1))  # (1, M, C) broadcast over the N heads
-        if isinstance(heads, torch.Tensor):
-            y = torch.matmul(flat, heads)  # (N, M, V)
-        else:  # a head kernel (int8 mode, gpt2mh.quantize): (N, M, C) -> (N, M, V)
-            y = heads.matmul(flat.expand(heads.size(0), -1, -1))
+        y = heads_matmul(h.reshape(1, -1, h.size(-1)), heads)  # (N, M, V)
         return y.view(heads.size(0), *h.shape[:-1], -1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

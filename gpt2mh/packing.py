@@ -231,6 +231,8 @@ def packed_loss(model, batch: Batch, weights: torch.Tensor | None = None,
     sums = []
     loss = h.new_zeros((), dtype=torch.float32)
     heads = model.heads.unbind(0)  # backward stacks the N head grads once (heads[k] would zero-fill N times)
+    # Ragged on purpose: head k only at its own M_k rows. model.heads_matmul would give every head
+    # every labelled row, N x the (M, V) logits and their memory.
     for k, (h_k, y_k) in enumerate(zip(h.split(batch.head_counts), batch.label_ids.split(batch.head_counts))):
         if not len(y_k):
             sums.append(loss.new_zeros(()))

@@ -70,7 +70,7 @@ class Int8Linear:
 
 
 class Int8Heads:
-    """The N heads [N, C, V] as N int8 linears; `matmul` is `heads_matmul`'s int8 twin."""
+    """The N heads [N, C, V] as N int8 linears; `matmul` is the int8 kernel behind `model.heads_matmul`."""
 
     def __init__(self, heads: torch.Tensor, linears: list[Int8Linear] | None = None, version: int = 0):
         self.source, self.version = heads, version

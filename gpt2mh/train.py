@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from .atomic import atomic_write_text
 from .config import GPT2Config
 from .data import Example, read_examples, split_examples
-from .model import GPT2, Attention, check_head_names
+from .model import GPT2, check_head_names
 from .packing import TRUNCATION, PackedExample, PackedLoss, collate, pack_examples
 from .prompt import check_vocab
 from .tokenizer import Tokenizer
@@ -462,10 +462,8 @@ def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
 def set_dropout(model: GPT2, p: float) -> None:
     model.config = dataclasses.replace(model.config, embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
     for m in model.modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, nn.Dropout):  # every dropout, attention's included (Attention.attn_dropout)
             m.p = p
-        elif isinstance(m, Attention):
-            m.attn_pdrop = p
 
 
 def load_data(cfg: TrainConfig, heads: list[str]) -> tuple[list[Example], list[Example]]:

@@ -194,6 +194,25 @@ def test_gradient_checkpointing_and_dropout_override(tmp_path):
     assert saved["attn_pdrop"] == saved["resid_pdrop"] == saved["embd_pdrop"] == 0.3
 
 
+def test_set_dropout_reaches_every_dropout_attentions_included():
+    from gpt2mh.config import GPT2Config
+    from gpt2mh.model import GPT2
+    from gpt2mh.train import set_dropout
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    model = GPT2(cfg, ["a"]).train()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    quiet = model(ids)
+    set_dropout(model, 0.3)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 1 + 3 * cfg.n_layer and all(m.p == 0.3 for m in drops)  # wte/wpe, attention, 2 residual
+    assert model.config.attn_pdrop == 0.3
+    for b in model.transformer.h:  # only attention dropout left on: training output must change
+        b.attn.resid_dropout.p = b.mlp.dropout.p = 0.0
+    model.transformer.drop.p = 0.0
+    assert not torch.allclose(model(ids), quiet)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, learning_rate=1e30, max_grad_norm=None, max_steps=6, save_every=1)
     with pytest.raises(TrainingDiverged, match=r"at step \d+ for head\(s\) (reading|entities|pos)") as err:
