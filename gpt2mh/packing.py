@@ -227,7 +227,7 @@ def packed_loss(model, batch: Batch, weights: torch.Tensor | None = None,
     counts = torch.tensor(batch.head_counts, dtype=torch.float32)
     denominators = counts if denominators is None else denominators.float().cpu()
     h = model.hidden(batch.input_ids, batch.position_ids, packed_mask(batch.segments))  # (B, T, C)
-    h = h[batch.label_row, batch.label_pos]  # (M, C): only positions that predict a label
+    h = label_hidden(h, batch)  # (M, C): only positions that predict a label
     sums = []
     loss = h.new_zeros((), dtype=torch.float32)
     heads = model.heads.unbind(0)  # backward stacks the N head grads once (heads[k] would zero-fill N times)
@@ -243,6 +243,18 @@ def packed_loss(model, batch: Batch, weights: torch.Tensor | None = None,
         if w and denominators[k] > 0:
             loss = loss + ce * (w / float(denominators[k]))
     return LossOutput(loss * scale, torch.stack(sums).float().cpu(), counts)
+
+
+def label_hidden(h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B, T, C) hidden states -> (M, C), the state that predicts each label.
+
+    One position predicts several labels (the input's last position predicts every head's first
+    token), so the gather's backward sums duplicates. h[label_row, label_pos] would do that with
+    index_put_(accumulate=True), which on CPU with more than one thread adds with racing atomics: the
+    sum's order, hence its last bits, changes from run to run and a seeded training run is not
+    reproducible. index_select's backward (index_add_) adds in index order on CPU."""
+    B, T, C = h.shape
+    return h.reshape(B * T, C).index_select(0, batch.label_row * T + batch.label_pos)
 
 
 class PackedLoss(nn.Module):

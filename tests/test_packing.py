@@ -9,7 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import NO_DROPOUT, TINY
 from gpt2mh.config import GPT2Config
 from gpt2mh import MultiHeadGPT2
-from gpt2mh.packing import PackReport, collate, pack, packed_loss
+from types import SimpleNamespace
+
+from gpt2mh.packing import PackReport, collate, label_hidden, pack, packed_loss
 
 HEADS = ("a", "b", "c")
 
@@ -147,3 +149,27 @@ def test_head_logits_only_at_labelled_positions():
         packed_loss(model, batch)
     assert Rows.rows == batch.tokens  # one logits row per label, nothing for unlabelled positions
     assert batch.tokens < batch.input_ids.numel() * 3
+
+
+def test_label_gather_backward_is_bitwise_reproducible_on_two_threads():
+    # Many labels read the same position (as every head's first token reads the input's last one).
+    # h[row, pos]'s backward sums those with racing atomic adds on CPU threads: its last bits changed
+    # from call to call, so a seeded quickstart run was not reproducible. 4096 x 128 gradient
+    # elements is above ATen's grain size (32768), where that backward goes parallel.
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(8, 16, 128, generator=g, requires_grad=True)
+    batch = SimpleNamespace(label_row=torch.randint(0, 8, (4096,), generator=g),
+                            label_pos=torch.randint(0, 4, (4096,), generator=g))
+    upstream = torch.randn(4096, 128, generator=g)
+    assert torch.equal(label_hidden(h, batch), h[batch.label_row, batch.label_pos])
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for _ in range(20):
+            h.grad = None
+            label_hidden(h, batch).backward(upstream)
+            results.append(h.grad.clone())
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(r, results[0]) for r in results)
