@@ -5,6 +5,7 @@ Systems, all with the seed memo's sampling settings, EOS banned (every stream ge
   gpt2mh-compiled  one trunk + N fused heads, `model.generate(compile=True)`
   gpt2mh-eager     the same model, `compile=False`
   gpt2mh-int8      its own copy with int8 weights, `from_pretrained(..., quantize="int8")`, eager
+  gpt2mh-int8-compiled  the same int8 model, `compile=True` (fbgemm as a custom op in the graph)
   hf-separate      N separate GPT2LMHeadModel copies, one generate each (the seed memo's first option)
   hf-nrs           one GPT2LMHeadModel, `num_return_sequences=N` (N streams but no distinct heads:
                    a lower bound for what transformers can do)
@@ -39,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (the harness beside this script)
 
-SYSTEMS = ("gpt2mh-compiled", "gpt2mh-eager", "gpt2mh-int8", "hf-separate", "hf-nrs",
+SYSTEMS = ("gpt2mh-compiled", "gpt2mh-eager", "gpt2mh-int8", "gpt2mh-int8-compiled", "hf-separate", "hf-nrs",
            "ct2-fp32-separate", "ct2-int8-separate", "ct2-int8-nh")
 CT2_SYSTEMS = ("ct2-fp32-separate", "ct2-int8-separate", "ct2-int8-nh")
 BASELINES = ("baseline-gpt2mh", "baseline-hf")
@@ -149,7 +150,7 @@ class Shape:
             return (n if system.endswith("separate") else 1) * one // 4
         if system == "ct2-fp32-separate":
             return n * one
-        if system == "gpt2mh-int8":  # int8 linears and heads: a quarter of the fp32 bytes (LN/bias ~0.1%)
+        if system.startswith("gpt2mh-int8"):  # int8 linears and heads: a quarter of the fp32 bytes (LN/bias ~0.1%)
             return (self.trunk - self.embed + n * self.head) // 4
         return {"hf-separate": n * one, "hf-nrs": one}.get(system, self.trunk - self.embed + n * self.head)
 
@@ -212,11 +213,17 @@ class HFReturnSequences:
 
 
 class CT2:
-    """CTranslate2 Generator(s) on the same checkpoint. Token strings are "t<id>" (a random folder
-    has no tokenizer; CT2 only needs one distinct string per id)."""
+    """CTranslate2 Generator(s) on the same checkpoint, run in a child process (`ct2_server`).
 
-    def __init__(self, gens, hypotheses: int = 1):
-        self.gens, self.hyp = gens, hypotheses
+    Its own process: after one CTranslate2 generate call in the same process, torch's eager decode
+    ran ~1.5x slower (the second OpenMP thread got ~40% less CPU: process CPU share 1.97 -> 1.23 of
+    2 cores, gpt2mh int8 3 heads 19.5 -> 31.5 ms/round), so sharing a process would time the other
+    systems unfairly. Token strings are "t<id>" (a random folder has no tokenizer; CT2 only needs
+    one distinct string per id). A call's pipe round trip (a few KB of ids) is inside its timing."""
+
+    def __init__(self, conn, quant: str, models: int, hypotheses: int = 1):
+        self.conn, self.quant, self.models, self.hyp = conn, quant, models, hypotheses
+        self.child_cpu_s = 0.0  # the worker's CPU time in the last call (for the CPU-share column)
 
     @staticmethod
     def convert(folder, quantization: str, out: Path, vocab: int, cfg) -> Path:
@@ -233,19 +240,35 @@ class CT2:
         return Path(conv.convert(str(out), quantization=quantization, force=True))
 
     def __call__(self, ids, mask, kw, seed) -> list[torch.Tensor]:
-        import ctranslate2
-
-        ctranslate2.set_random_seed(seed)
         start = [[f"t{i}" for i, m in zip(row, mrow) if m] for row, mrow in zip(ids.tolist(), mask.tolist())]
         opts = dict(sampling_topk=kw["top_k"], sampling_topp=kw["top_p"], sampling_temperature=kw["temperature"],
                     max_length=kw["max_new_tokens"], min_length=kw["min_new_tokens"],
                     suppress_sequences=[[f"t{i}" for i in w] for w in kw["bad_words_ids"]],
                     include_prompt_in_result=False, num_hypotheses=self.hyp)
-        out = []
-        for g in self.gens:
-            res = g.generate_batch(start, **opts)
-            out.append(torch.tensor([seq for r in res for seq in r.sequences_ids]))  # (B * hyp, new)
-        return out
+        self.conn.send((self.quant, self.models, start, opts, seed))
+        out = self.conn.recv()
+        if isinstance(out, str):
+            raise RuntimeError(f"CTranslate2 worker: {out}")
+        out, self.child_cpu_s = out
+        return [torch.tensor(o) for o in out]  # per model (B * hyp, new)
+
+
+def ct2_server(conn, paths: dict, copies: int, threads: int) -> None:
+    """The CTranslate2 child process: `copies` Generators per quantization; answers CT2 calls."""
+    import ctranslate2
+
+    gens = {q: [ctranslate2.Generator(p, device="cpu", inter_threads=1, intra_threads=threads)
+                for _ in range(copies)] for q, p in paths.items()}
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        quant, models, start, opts, seed = msg
+        try:
+            cpu = time.process_time()
+            ctranslate2.set_random_seed(seed)
+            out = [[seq for r in g.generate_batch(start, **opts) for seq in r.sequences_ids] for g in gens[quant][:models]]
+            conn.send((out, time.process_time() - cpu))
+        except Exception as e:  # noqa: BLE001  (reported in the parent)
+            conn.send(f"{type(e).__name__}: {e}")
 
 
 def load_ct2(folder, args, tmp: Path) -> dict[tuple[str, int], object]:
@@ -253,26 +276,37 @@ def load_ct2(folder, args, tmp: Path) -> dict[tuple[str, int], object]:
     if not want:
         return {}
     try:
-        import ctranslate2
+        import ctranslate2  # noqa: F401
     except ImportError:
         common.log(f"ctranslate2 is not installed: skipping {want} (pip install -e '.[bench]')")
         args.systems = [s for s in args.systems if s not in CT2_SYSTEMS]
         return {}
+    import multiprocessing
+
     cfg, _ = checkpoint_config(folder)
-    threads = torch.get_num_threads()
+    quants = [q for q in ("float32", "int8") if any(("int8" in s) == (q == "int8") for s in want)]
+    paths = {q: str(CT2.convert(folder, q, tmp / f"ct2-{q}", cfg.vocab_size, cfg)) for q in quants}
+    copies = max(args.heads) if any(s.endswith("separate") for s in want) else 1
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads, no inherited state
+    conn, child_conn = ctx.Pipe()
+    proc = ctx.Process(target=ct2_server, args=(child_conn, paths, copies, torch.get_num_threads()), daemon=True)
+    proc.start()
+    if conn.recv() != "ready":
+        raise RuntimeError("CTranslate2 worker did not start")
+    args.ct2_worker = (proc, conn)
     out = {}
-    for quant in ("float32", "int8"):
-        names = [s for s in want if ("int8" in s) == (quant == "int8")]
-        if not names:
-            continue
-        path = CT2.convert(folder, quant, tmp / f"ct2-{quant}", cfg.vocab_size, cfg)
-        copies = max(args.heads) if any(s.endswith("separate") for s in names) else 1
-        gens = [ctranslate2.Generator(str(path), device="cpu", inter_threads=1, intra_threads=threads)
-                for _ in range(copies)]
-        for n in args.heads:
-            for s in names:
-                out[s, n] = CT2(gens[:n]) if s.endswith("separate") else CT2(gens[:1], hypotheses=n)
+    for n in args.heads:
+        for s in want:
+            q = "int8" if "int8" in s else "float32"
+            out[s, n] = CT2(conn, q, n) if s.endswith("separate") else CT2(conn, q, 1, hypotheses=n)
     return out
+
+
+def stop_ct2(args) -> None:
+    proc, conn = getattr(args, "ct2_worker", (None, None))
+    if proc is not None:
+        conn.send(None)
+        proc.join(30)
 
 
 def load_systems(folder, args) -> dict[tuple[str, int], object]:
@@ -283,8 +317,9 @@ def load_systems(folder, args) -> dict[tuple[str, int], object]:
         if {"gpt2mh-compiled", "gpt2mh-eager"} & set(args.systems):
             model = Gpt2mh.load(folder, n, dev, dt)
             out["gpt2mh-compiled", n], out["gpt2mh-eager", n] = Gpt2mh(model, True), Gpt2mh(model, False)
-        if "gpt2mh-int8" in args.systems:
-            out["gpt2mh-int8", n] = Gpt2mh(Gpt2mh.load(folder, n, dev, dt, quantize="int8"), False)
+        if {"gpt2mh-int8", "gpt2mh-int8-compiled"} & set(args.systems):
+            model = Gpt2mh.load(folder, n, dev, dt, quantize="int8")
+            out["gpt2mh-int8", n], out["gpt2mh-int8-compiled", n] = Gpt2mh(model, False), Gpt2mh(model, True)
     if {"hf-separate", "hf-nrs"} & set(args.systems):
         copies = max(args.heads) if "hf-separate" in args.systems else 1
         hf = [HFSeparate.load(folder, dev, dt) for _ in range(copies)]
@@ -343,7 +378,7 @@ def warm_up(systems, scenarios, prompts, cfg, args, records):
             dt, out, rec.gpu_peak_bytes = run_once(fn, ids, mask, kw, args.seed, args.device)
             check_output(out, n * b, args.new_tokens, cfg, f"{name} N={n} B={b}")
             rec.first_call_s = dt
-            if name == "gpt2mh-compiled":
+            if name.endswith("-compiled"):
                 rec.warm_call_s, _ = common.timed(lambda: fn(ids, mask, kw, args.seed), args.device)
             common.timed(lambda: fn(ids, mask, controls(cfg, 1), args.seed), args.device)
             common.log(f"warm-up {name:16s} N={n} B={b}: first call {dt:7.2f} s"
@@ -359,7 +394,8 @@ def timed_round(r, systems, scenarios, prompts, cfg, args, records):
             fn, rec = systems[name, n], records[name, n, b]
             cpu = time.process_time()
             wall, _ = common.timed(lambda: fn(ids, mask, full, args.seed + r), args.device)
-            rec.cpu_share.append((time.process_time() - cpu) / wall / torch.get_num_threads())
+            cpu = time.process_time() - cpu + getattr(fn, "child_cpu_s", 0.0)  # CTranslate2: its worker's
+            rec.cpu_share.append(cpu / wall / torch.get_num_threads())
             prefill, _ = common.timed(lambda: fn(ids, mask, pre, args.seed + r), args.device)
             rec.walls.append(wall)
             rec.prefills.append(prefill)
@@ -409,8 +445,8 @@ def child(args) -> None:
         n, b, folder = args.heads[0], args.batch[0], Path(args.weights)
         cfg, _ = checkpoint_config(folder)
         if what.startswith("gpt2mh"):
-            q = "int8" if what == "gpt2mh-int8" else None
-            fn = Gpt2mh(Gpt2mh.load(folder, n, args.device, args.dtype, quantize=q), what == "gpt2mh-compiled")
+            q = "int8" if what.startswith("gpt2mh-int8") else None
+            fn = Gpt2mh(Gpt2mh.load(folder, n, args.device, args.dtype, quantize=q), what.endswith("-compiled"))
         else:
             hf = [HFSeparate.load(folder, args.device, args.dtype) for _ in range(n if what == "hf-separate" else 1)]
             fn = HFSeparate(hf) if what == "hf-separate" else HFReturnSequences(hf[0], n)
@@ -497,6 +533,7 @@ def main(argv=None) -> None:
             bandwidths.append(common.read_bandwidth(args.device))
             write(False)
         del systems  # free the parent's models before the children load theirs
+        stop_ct2(args)
         baselines = measure_rss(args, folder, records) if args.rss != "none" else None
         write(True, baselines)
     common.log(f"wrote {args.out} ({time.time() - started:.0f} s)")

@@ -1,49 +1,111 @@
-"""int8 weight mode's error against fp32 on a checkpoint: logit error and greedy agreement.
+"""int8 weight mode's error against fp32 on a trained checkpoint: logit error and greedy agreement.
 
-    python benchmarks/int8_error.py CHECKPOINT [CHECKPOINT ...] [--prompts 8] [--new-tokens 64]
+    python benchmarks/int8_error.py CHECKPOINT [CHECKPOINT ...] [--new-tokens 64] [--random-prompts 8]
+        [--out benchmarks/results/int8-error-cpu.json]
 
-Per head: max and mean |logit int8 - fp32| over teacher-forced prompts (and the fp32 logits' std
-for scale), and the share of greedy tokens (64 per prompt) that are identical, with the mean
-position of the first difference. Prompts are random token ids (seeded) of 16 tokens."""
+Prompts: the quickstart's held-out sentences (`gpt2mh.corpus.build_examples("test")`, 50), encoded
+with the packaged tokenizer exactly as generation encodes them (`encode_prompts`); and, unless
+--random-prompts 0, that many random token-id prompts of 16 tokens (seeded), which reach logits the
+training data never did. Per head and prompt set:
+  max_logit_err, mean_logit_err  |logit int8 - fp32| over every real position of teacher-forced
+                                 sequences (held-out: input + that head's reference target; random:
+                                 the prompt), with the fp32 logits' std for scale
+  greedy_agree                   share of identical greedy tokens, `--new-tokens` per prompt, EOS
+                                 banned (min_new_tokens) so every prompt gives the same count
+  mean_first_diff, first_diff_rate  mean position of the first differing token (--new-tokens when
+                                 none) and the share of prompts with any difference
+  output_exact                   (held-out only) share of prompts whose natural greedy output
+                                 (stopping at </s>, at most --new-tokens) is identical in both modes"""
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+from pathlib import Path
 
 import torch
 
 from gpt2mh import MultiHeadGPT2
+from gpt2mh.corpus import build_examples
+from gpt2mh.prompt import encode_input, encode_prompts, encode_target
+from gpt2mh.tokenizer import Tokenizer
 
 
-def measure(folder: str, prompts: int, new: int, seed: int) -> dict:
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
+def logit_errors(fp, q, ids, mask, n: int, chunk: int = 8) -> dict:
+    """Head n's |int8 - fp32| logits at real positions (max, mean), and the fp32 logits' std there."""
+    mx, total, count, s1, s2 = 0.0, 0.0, 0, 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, ids.size(0), chunk):
+            x, m = ids[i:i + chunk], mask[i:i + chunk]
+            real = m.bool()
+            ref, got = fp(x, m)[n][real].double(), q(x, m)[n][real].double()  # (positions, V)
+            err = (got - ref).abs()
+            mx, total, count = max(mx, err.max().item()), total + err.sum().item(), count + err.numel()
+            s1, s2 = s1 + ref.sum().item(), s2 + (ref * ref).sum().item()
+    mean = s1 / count
+    return {"max_logit_err": mx, "mean_logit_err": total / count, "logit_std": (s2 / count - mean * mean) ** 0.5,
+            "positions": count // fp.config.vocab_size}
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, new: int) -> dict:
+    same = a == b  # (B, new)
+    first = [int((~row).nonzero()[0]) if (~row).any() else new for row in same]
+    return {"greedy_agree": same.float().mean().item(), "mean_first_diff": sum(first) / len(first),
+            "first_diff_rate": sum(f < new for f in first) / len(first), "greedy_tokens": same.numel()}
+
+
+def measure(folder: str, new: int, random_prompts: int, seed: int) -> dict:
     fp = MultiHeadGPT2.from_pretrained(folder).eval()
     q = copy.deepcopy(fp).quantize("int8")
+    tok = Tokenizer.from_pretrained(None)  # the packaged (rinna) tokenizer, as the quickstart trains with
+    test = build_examples("test")
+    texts = [ex.input for ex in test]
+    ids, mask = encode_prompts(tok, texts, fp)
+    cfg = fp.config
+    kw = dict(max_new_tokens=new, compile=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    forced = dict(kw, min_new_tokens=new)
+    a, b = fp.generate(ids, mask, **forced), q.generate(ids, mask, **forced)
+    na, nb = fp.generate(ids, mask, **kw), q.generate(ids, mask, **kw)
+    out = {"checkpoint": folder, "model": {k: getattr(cfg, k) for k in ("n_embd", "n_layer", "n_head", "vocab_size")},
+           "heads": list(fp.head_names), "held_out": {"prompts": len(texts), "source": "gpt2mh.corpus test split"},
+           "random": {"prompts": random_prompts, "length": 16, "seed": seed}, "new_tokens": new, "results": {}}
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, fp.config.vocab_size, (prompts, 16), generator=g)
-    with torch.no_grad():
-        ref, got = fp(ids), q(ids)  # (N, B, T, V)
-    kw = dict(max_new_tokens=new, min_new_tokens=new, compile=False)
-    a, b = fp.generate(ids, **kw), q.generate(ids, **kw)
-    out = {"checkpoint": folder, "heads": {}}
+    rand = torch.randint(4, cfg.vocab_size, (random_prompts, 16), generator=g) if random_prompts else None
+    if rand is not None:
+        ra, rb = fp.generate(rand, **forced), q.generate(rand, **forced)
     for n, name in enumerate(fp.head_names):
-        err = (got[n] - ref[n]).abs()
-        same = a[name] == b[name]  # (B, new)
-        first = [int((~row).nonzero()[0]) if (~row).any() else new for row in same]
-        out["heads"][name] = {"max_logit_err": err.max().item(), "mean_logit_err": err.mean().item(),
-                              "logit_std": ref[n].std().item(), "greedy_agree": same.float().mean().item(),
-                              "mean_first_diff": sum(first) / len(first)}
+        seqs = [encode_input(tok, ex.input) + encode_target(tok, ex.targets.get(name, "")) for ex in test]
+        same_out = [x.tolist() == y.tolist() for x, y in zip(na[name], nb[name])]
+        res = {"held_out": {**logit_errors(fp, q, *left_pad(seqs, tok.pad_id), n), **agreement(a[name], b[name], new),
+                            "output_exact": sum(same_out) / len(same_out)}}
+        if rand is not None:
+            res["random"] = {**logit_errors(fp, q, rand, torch.ones_like(rand), n), **agreement(ra[name], rb[name], new)}
+        out["results"][name] = res
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+")
-    p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--random-prompts", type=int, default=8, help="random-token prompts too (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
-    print(json.dumps([measure(c, a.prompts, a.new_tokens, a.seed) for c in a.checkpoints], indent=1))
+    res = [measure(c, a.new_tokens, a.random_prompts, a.seed) for c in a.checkpoints]
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

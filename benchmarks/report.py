@@ -16,10 +16,16 @@ SYSTEM_LABELS = {
     "gpt2mh-compiled": "gpt2mh, compiled",
     "gpt2mh-eager": "gpt2mh, eager",
     "gpt2mh-int8": "gpt2mh, int8 weights (eager)",
+    "gpt2mh-int8-compiled": "gpt2mh, int8 weights, compiled",
     "hf-separate": "transformers, N separate models",
     "hf-nrs": "transformers, 1 model, num_return_sequences=N",
+    "ct2-fp32-separate": "CTranslate2 fp32, N separate models",
+    "ct2-int8-separate": "CTranslate2 int8, N separate models",
+    "ct2-int8-nh": "CTranslate2 int8, 1 model, num_hypotheses=N",
 }
-COLORS = {"gpt2mh-compiled": "tab:blue", "gpt2mh-eager": "tab:cyan", "gpt2mh-int8": "tab:green", "hf-separate": "tab:red", "hf-nrs": "tab:orange"}
+COLORS = {"gpt2mh-compiled": "tab:blue", "gpt2mh-eager": "tab:cyan", "gpt2mh-int8": "tab:green",
+          "gpt2mh-int8-compiled": "tab:olive", "hf-separate": "tab:red", "hf-nrs": "tab:orange",
+          "ct2-fp32-separate": "tab:gray", "ct2-int8-separate": "tab:purple", "ct2-int8-nh": "tab:pink"}
 STYLES = ["-", "--", ":", "-."]
 # Issue 6's targets, 3 heads, batch 1.
 TARGET_VS_SEPARATE, TARGET_VS_NRS, TARGET_X_BOUND, TARGET_RSS_SLACK = 5.0, 4.0, 2.0, 0.15

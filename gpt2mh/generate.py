@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .inputs import prompt_batch, prompt_width
-from .linear import prepack_model
+from .linear import prepack_model, stale_packs
 from .model import GPT2, attention_mask_4d, heads_matmul, position_ids_from_mask
 from .prompt import check_vocab, encode_prompts
 from .sampling import SamplingConfig, build_controls, draw, has_nonfinite, noise_width, processors
@@ -209,9 +209,12 @@ def _is_id(t) -> bool:
 def use_compile(compile: bool | None, model: GPT2) -> bool:
     # Default: compile on CUDA (the step becomes one CUDA graph). On CPU compiling costs 10-100 s
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
-    if compile and model.quantized:
-        raise ValueError(f"compile=True with a {model.quantized} model: its int8 kernels run eagerly only; "
-                         f"pass compile=False (or model.quantize(None) for fp32)")
+    # int8 (model.quantize) compiles too: its kernel is a custom op. A compiled graph cannot see
+    # that a weight changed after quantize (eager decoding falls back to fp32 for such layers).
+    stale = stale_packs(model) if compile and model.quantized else []
+    if stale:
+        raise ValueError(f"compile=True: weights changed since quantize('int8') ({', '.join(stale[:3])}"
+                         f"{', ...' if len(stale) > 3 else ''}); call model.quantize('int8') again (or compile=False)")
     return model.device.type == "cuda" if compile is None else bool(compile)
 
 

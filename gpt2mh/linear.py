@@ -16,7 +16,8 @@ So: M = 1 keeps `addmm` (a GEMV already streams the weight); M >= 2 in inference
 weight (what inductor's `freezing` emits for fp32 linears), which also gives bit-identical results
 to `addmm` on these shapes (max |diff| 0.0 measured), so greedy ids do not move. Fallback: `addmm`
 (no MKL, not CPU fp32, gradients on, under torch.compile — inductor cannot lower a packed MKL
-tensor as a graph input — or a pack that no longer matches the weight).
+tensor as a graph input — or a pack that no longer matches the weight). An int8 pack
+(`gpt2mh.quantize`) also runs under torch.compile, as a custom op.
 
 A pack is what `Conv1D.pack` holds: called as `pack(x, weight, bias)`, it routes through `linear`,
 which uses `pack.kernel` only where it applies. The network never imports this module: the decode
@@ -34,6 +35,7 @@ class Prepacked:
     """A weight repacked for `rows`-row inputs, with what it was built from (to detect staleness)."""
 
     __slots__ = ("packed", "rows", "version", "data_ptr")
+    compiles = False  # under torch.compile `linear` uses addmm (a packed MKL tensor is no graph input)
 
     def __init__(self, weight: torch.Tensor, rows: int):
         with torch.no_grad():
@@ -86,9 +88,17 @@ def prepack_model(model, rows: int) -> None:
             prepack_layer(m, rows)
 
 
+def stale_packs(model) -> list[str]:
+    """Trunk layers whose compile-capable pack (int8) no longer matches its fp32 weight. Eager
+    `linear` falls back to addmm for them; a compiled graph cannot check, so compiled decoding
+    refuses such a model (`generate.use_compile`)."""
+    return [name for name, m in model.transformer.named_modules()
+            if isinstance(m, Conv1D) and getattr(m.pack, "compiles", False) and not m.pack.matches(m.weight, 0)]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pack=None) -> torch.Tensor:
     """(M, in) @ [in, out] + (out,) -> (M, out): the one kernel dispatch."""
-    if pack is not None and not torch.compiler.is_compiling() and not torch.is_grad_enabled() \
+    if pack is not None and not torch.is_grad_enabled() and (pack.compiles or not torch.compiler.is_compiling()) \
             and pack.matches(weight, x.size(0)):
         return pack.kernel(x, weight, bias)  # packed fp32 (rows fixed), or int8 (any row count)
     return torch.addmm(bias, x, weight)

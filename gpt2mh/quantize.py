@@ -5,10 +5,17 @@ LayerNorms and biases. Kernel: fbgemm's `quantized::linear_dynamic` (x86), which
 weight at ~2-3x the fp32-equivalent speed of any fp32 kernel for few-row inputs (issue 12: 35-57
 GB/s fp32-equivalent against 15-34 for fp32 on 2 cores). Fallback where no int8 engine ships
 (not x86, or no fbgemm/onednn build): the same int8 weights dequantized per call — same numbers
-(up to the kernel's activation rounding), no speed-up."""
+(up to the kernel's activation rounding), no speed-up.
+
+Under torch.compile (`generate(compile=True)`) the kernel is the custom op `gpt2mh::int8_linear`:
+fbgemm's packed weight is a TorchScript object dynamo cannot trace, so the op takes a registry key
+instead, and inductor fuses everything between the int8 GEMMs (LayerNorm, GELU, residuals,
+sampling). Eager mode calls fbgemm directly (a custom op's Python dispatch costs ~10 us a call)."""
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 
 import torch
 
@@ -30,11 +37,28 @@ def quantize_weight(w_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
+_PACKS: dict[int, object] = {}  # key -> fbgemm packed weight, for the custom op (freed with its Int8Linear)
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("gpt2mh::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, key: int, n_out: int) -> torch.Tensor:
+    """(M, in) fp32 -> (M, n_out): fbgemm's dynamic int8 linear with the weight registered as `key`."""
+    return torch.ops.quantized.linear_dynamic(x, _PACKS[key])
+
+
+@int8_linear.register_fake
+def _(x, key, n_out):
+    return x.new_empty(x.size(0), n_out)
+
+
 class Int8Linear:
     """y = x @ W + b with W held as int8; built from Conv1D's [in, out] weight (fp32 kept untouched).
 
     A `Conv1D.pack`: `matches` tells the dispatch (`gpt2mh.linear`) whether the fp32 weight changed
     since (then it is not used)."""
+
+    compiles = True  # runs under torch.compile too (the custom op `gpt2mh::int8_linear`)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         with torch.no_grad():
@@ -48,11 +72,16 @@ class Int8Linear:
                     warnings.simplefilter("ignore", UserWarning)
                     qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
                 self.packed = torch.ops.quantized.linear_prepack(qw, b)
+                self.key, self.n_out = next(_KEYS), q.size(0)
+                _PACKS[self.key] = self.packed
+                weakref.finalize(self, _PACKS.pop, self.key, None)
             else:
                 self.q, self.scale, self.bias = q, scale, b
         self.version, self.data_ptr = weight._version, weight.data_ptr()
 
     def matches(self, weight: torch.Tensor, rows: int | None = None) -> bool:
+        if torch.compiler.is_compiling():  # checked before compiled generation instead (`linear.stale_packs`)
+            return True
         return self.version == weight._version and self.data_ptr == weight.data_ptr()
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -61,7 +90,10 @@ class Int8Linear:
     def kernel(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
         """x @ W + b with the int8 W and the bias it was built with."""
         if self.engine is not None:
-            return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed)
+            x = x.float().contiguous()
+            if torch.compiler.is_compiling():
+                return int8_linear(x, self.key, self.n_out)
+            return torch.ops.quantized.linear_dynamic(x, self.packed)
         y = (x.float() @ self.q.t().float()) * self.scale
         return y if self.bias is None else y + self.bias
 
@@ -75,12 +107,17 @@ class Int8Heads:
     def __init__(self, heads: torch.Tensor, linears: list[Int8Linear] | None = None, version: int = 0):
         self.source, self.version = heads, version
         self.linears = linears if linears is not None else [Int8Linear(h, None) for h in heads.unbind(0)]
+        self.subsets: dict[tuple[int, ...], Int8Heads] = {}
 
     def size(self, dim: int) -> int:
         return len(self.linears) if dim == 0 else self.source.size(dim)
 
     def select(self, idx: list[int]) -> "Int8Heads":
-        return Int8Heads(self.source, [self.linears[i] for i in idx], self.version)
+        """The heads idx, as one object per subset (a compiled step sees the same one each call)."""
+        key = tuple(idx)
+        if key not in self.subsets:
+            self.subsets[key] = Int8Heads(self.source, [self.linears[i] for i in idx], self.version)
+        return self.subsets[key]
 
     def matmul(self, h: torch.Tensor) -> torch.Tensor:
         """(N, M, C) -> (N, M, V): each head at its own streams' rows."""
