@@ -2,6 +2,10 @@
 
     python benchmarks/int8_error.py CHECKPOINT [CHECKPOINT ...] [--new-tokens 64] [--random-prompts 8]
         [--out benchmarks/results/int8-error-cpu.json]
+    python benchmarks/int8_error.py --train-larger DIR   # first train the larger model (~4 min on 2 cores)
+
+The committed JSON: a `gpt2mh quickstart` checkpoint and the `--train-larger` one (the quickstart's
+data and settings, 4 layers, 256 wide, 300 steps, lr 3e-3).
 
 Prompts: the quickstart's held-out sentences (`gpt2mh.corpus.build_examples("test")`, 50), encoded
 with the packaged tokenizer exactly as generation encodes them (`encode_prompts`); and, unless
@@ -93,14 +97,35 @@ def measure(folder: str, new: int, random_prompts: int, seed: int) -> dict:
     return out
 
 
+LARGER = dict(n_embd=256, n_layer=4, n_head=4, n_inner=1024)
+
+
+def train_larger(out: Path, steps: int = 300) -> str:
+    """A larger model than the quickstart's on its data and settings, for the error figures."""
+    from gpt2mh.corpus import HEADS, write_dataset
+    from gpt2mh.quickstart import SMALL_MODEL, train_settings
+    from gpt2mh.train import TrainConfig, train
+
+    data = write_dataset(out / "data")
+    s = dict(train_settings(None, steps), model_config=dict(SMALL_MODEL, **LARGER), learning_rate=3e-3)
+    cfg = TrainConfig(**s, train_file=str(data["train"]), validation_file=str(data["test"]), heads=list(HEADS),
+                      output_dir=str(out), device="cpu", progress=False)
+    return str(train(cfg).last_checkpoint)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("checkpoints", nargs="*")
+    p.add_argument("--train-larger", type=Path, default=None, help="train the larger model here first, measure it too")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--random-prompts", type=int, default=8, help="random-token prompts too (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
+    if a.train_larger:
+        a.checkpoints.append(train_larger(a.train_larger))
+    if not a.checkpoints:
+        p.error("give checkpoint folder(s) or --train-larger DIR")
     res = [measure(c, a.new_tokens, a.random_prompts, a.seed) for c in a.checkpoints]
     text = json.dumps(res, indent=1)
     print(text)

@@ -230,7 +230,7 @@ def prepare(model: GPT2, input_ids, attention_mask, heads, controls, per_head, c
         raise ValueError(f"heads={heads!r}: name each head to generate once (or heads=None for all "
                          f"of {list(model.head_names)})")
     idx = model.head_index(names)
-    # (N, C, V); int8 heads (model.quantize) run eagerly, fp32 subsets are kept static for CUDA graphs.
+    # (N, C, V); int8 heads (model.quantize): one object per head subset; fp32 subsets are kept static for CUDA graphs.
     # no_grad: head_weights gives the int8 form only to inference (else generate decoded fp32 heads)
     with torch.no_grad():
         sel = model.head_weights(idx) if model.quantized else selected_heads(model, idx)

@@ -95,6 +95,7 @@ def test_int8_generate_decodes_with_the_int8_heads(model, monkeypatch):
     assert len(calls) == 3  # the first token (from the prefill) and 2 decode steps
 
 
+@pytest.mark.compile
 def test_int8_compiled_decoding_matches_eager(model, monkeypatch):
     # Under torch.compile the int8 GEMMs are the custom op gpt2mh::int8_linear (fbgemm inside), the rest
     # is inductor's: same int8 weights, fp32 elementwise maths in another order. A changed fp32 rounding
