@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from gpt2mh import MultiHeadGPT2
 from gpt2mh.corpus import build_examples
 from gpt2mh.prompt import encode_input, encode_prompts, encode_target
 from gpt2mh.tokenizer import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (the harness beside this script)
 
 
 def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +131,9 @@ def main(argv=None) -> None:
     if not a.checkpoints:
         p.error("give checkpoint folder(s) or --train-larger DIR")
     res = [measure(c, a.new_tokens, a.random_prompts, a.seed) for c in a.checkpoints]
-    text = json.dumps(res, indent=1)
-    print(text)
+    print(json.dumps(res, indent=1))
     if a.out:
-        Path(a.out).write_text(text + "\n", encoding="utf-8")
+        common.write_json(a.out, res)  # atomic
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (the harness beside this script)
+
 
 def merge(parts: list[dict]) -> dict:
     out = dict(parts[0])
@@ -39,7 +42,7 @@ def main(argv=None) -> None:
     if len(argv) < 2:
         sys.exit(__doc__)
     parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in argv[1:]]
-    Path(argv[0]).write_text(json.dumps(merge(parts), indent=1) + "\n", encoding="utf-8")
+    common.write_json(argv[0], merge(parts))
 
 
 if __name__ == "__main__":
