@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .corpus import HEADS, build_examples, write_dataset
+from .corpus import HEADS, build_examples, entity_lookup, write_dataset
 from .metrics import char_accuracy
 from .train import METRICS_FILE
 
@@ -95,6 +95,11 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         cut = 1 - (1 - acc) / max(1 - t["char_accuracy"], 1e-9)  # how much of the trivial answer's error is gone
         print(f"  {h:<9} {metrics[f'{h}/loss']:7.3f} {acc:9.3f} {metrics[f'{h}/exact_match']:7.3f}   {'':<8} "
               f"{t['char_accuracy']:8.3f} {t['exact_match']:7.3f}  {cut:9.0%}  {t['answer']}")
+    lookup = [entity_lookup()(ex.input) for ex in test]
+    reference = {"char_accuracy": sum(map(char_accuracy, lookup, (e.targets["entities"] for e in test))) / n,
+                 "exact_match": sum(o == e.targets["entities"] for o, e in zip(lookup, test)) / n}
+    print(f"  a reference that needs no model but knows the training set (entities: every training entity "
+          f"looked up in the input): char acc {reference['char_accuracy']:.3f}, exact {reference['exact_match']:.3f}")
     cross = cross_task_scores(outputs, test)
     print(f"\neach head's outputs scored against every task's references on all {n} test sentences "
           f"(char accuracy; rows: head, cols: task):")
@@ -103,7 +108,7 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         print(f"  {h:<9}" + "".join(f"{cross[h][t]:10.3f}" for t in HEADS))
     print(f"\ncheckpoint: {best}\nthe same scores: gpt2mh eval --model {output_dir} {data['test']}"
           f"\ntry: gpt2mh generate --model {output_dir} 今日は東京で会議がありました。")
-    return {"metrics": metrics, "trivial": trivial, "cross": cross, "checkpoint": best}
+    return {"metrics": metrics, "trivial": trivial, "entity_lookup": reference, "cross": cross, "checkpoint": best}
 
 
 def train_settings(base: str | None = None, steps: int | None = None) -> dict:

@@ -1,5 +1,7 @@
 """Trivial answers (gpt2mh.baselines) and per-head generation budgets: what the quickstart prints beside
 each head's score, and how long each head may generate."""
+from statistics import mean
+
 import pytest
 import torch
 
@@ -47,3 +49,18 @@ def test_per_head_generation_budgets():
     out = generate_predictions(model, tok, [Example("今日は雨。", {}, "")], ["a", "b"], {"a": 1, "b": 5})
     n = {h: len(tok.encode(out[h][0], add_eos=False)) - 1 for h in "ab"}  # re-encoding adds a leading "▁"
     assert n["a"] <= 1 < n["b"] <= 5
+
+
+def test_entity_lookup_reference():
+    # No model: training entities found in the input. Pure Python on fixed data: exact figures.
+    from gpt2mh.corpus import entity_lookup
+    from gpt2mh.metrics import char_accuracy, exact_match
+
+    answer = entity_lookup()
+    test = build_examples("test")
+    outs = [answer(ex.input) for ex in test]
+    assert round(mean(char_accuracy(o, ex.targets["entities"]) for o, ex in zip(outs, test)), 3) == 0.492
+    assert round(mean(exact_match(o, ex.targets["entities"]) for o, ex in zip(outs, test)), 2) == 0.32
+    assert answer("ねこがないた。") == "なし" and answer("今日は晴れ。") == "今日/dat"  # 今日 is a training date
+    first = build_examples("train")[0]  # its own entities are all known; the lookup finds them in order
+    assert answer(first.input).startswith("2005年7月14日/dat 南アフリカ共和国ダーバン/loc")
