@@ -62,7 +62,7 @@ def layers(model):
     return [m for m in model.transformer.modules() if isinstance(m, Conv1D)]
 
 
-def gemm_round(model, convs, xs, h, heads):
+def gemm_round(convs, xs, h, heads):
     """One decode round's weight GEMMs: every trunk linear at S rows, then the heads."""
     from gpt2mh.model import heads_matmul
 
@@ -84,11 +84,11 @@ def scenario(model, mode: str, n: int, b: int, repeats: int) -> dict:
     idx = list(range(n))
     heads = model.head_weights(idx) if mode == "int8" else selected_heads(model, idx)
     for _ in range(3):  # warm-up: thread pool, packs, page faults
-        gemm_round(model, convs, xs, h, heads)
+        gemm_round(convs, xs, h, heads)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gemm_round(model, convs, xs, h, heads)
+        gemm_round(convs, xs, h, heads)
         times.append(time.perf_counter() - t0)
     size = 1 if mode == "int8" else 4
     read = (sum(conv.weight.numel() for conv in convs) + n * C * model.config.vocab_size) * size

@@ -28,6 +28,13 @@ def candidates(train: Sequence[Example], head: str, tags: bool = False) -> dict[
     return out
 
 
+def score(answer: Callable[[str], str], rows: Sequence[Example], head: str) -> dict[str, float]:
+    """{"char_accuracy", "exact_match"}: mean over rows of `answer(input)` against the head's target."""
+    outs = [answer(ex.input) for ex in rows]
+    return {"char_accuracy": mean(char_accuracy(o, ex.targets[head]) for o, ex in zip(outs, rows)),
+            "exact_match": mean(exact_match(o, ex.targets[head]) for o, ex in zip(outs, rows))}
+
+
 def trivial_scores(test: Sequence[Example], train: Sequence[Example], heads: Sequence[str],
                    tag_heads: Sequence[str] = ("pos",)) -> dict[str, dict]:
     """{head: {"answer": description, "char_accuracy", "exact_match"}}: the strongest trivial answer of
@@ -35,12 +42,8 @@ def trivial_scores(test: Sequence[Example], train: Sequence[Example], heads: Seq
     result = {}
     for head in heads:
         rows = [ex for ex in test if head in ex.targets]
-        scored = []
-        for name, answer in candidates(train, head, head in tag_heads).items():
-            outs = [answer(ex.input) for ex in rows]
-            scored.append({"answer": name,
-                           "char_accuracy": mean(char_accuracy(o, ex.targets[head]) for o, ex in zip(outs, rows)),
-                           "exact_match": mean(exact_match(o, ex.targets[head]) for o, ex in zip(outs, rows))})
+        scored = [{"answer": name, **score(answer, rows, head)}
+                  for name, answer in candidates(train, head, head in tag_heads).items()]
         if scored:
             result[head] = max(scored, key=lambda s: (s["char_accuracy"], s["exact_match"]))
     return result

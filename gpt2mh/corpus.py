@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections import Counter
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple
 

@@ -33,7 +33,7 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
     (the previous run's checkpoints are removed) unless resume=True, which continues the newest
     checkpoint. Returns {"interrupted": True} when training is stopped by SIGINT/SIGTERM: the
     half-trained model is not evaluated; `command` is how to continue it."""
-    from .baselines import trivial_scores
+    from .baselines import score, trivial_scores
     from .checkpoint import list_checkpoints
     from .evaluate import evaluate_file
     from .api import MultiHeadGPT2
@@ -95,9 +95,7 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         cut = 1 - (1 - acc) / max(1 - t["char_accuracy"], 1e-9)  # how much of the trivial answer's error is gone
         print(f"  {h:<9} {metrics[f'{h}/loss']:7.3f} {acc:9.3f} {metrics[f'{h}/exact_match']:7.3f}   {'':<8} "
               f"{t['char_accuracy']:8.3f} {t['exact_match']:7.3f}  {cut:9.0%}  {t['answer']}")
-    lookup = [entity_lookup()(ex.input) for ex in test]
-    reference = {"char_accuracy": sum(map(char_accuracy, lookup, (e.targets["entities"] for e in test))) / n,
-                 "exact_match": sum(o == e.targets["entities"] for o, e in zip(lookup, test)) / n}
+    reference = score(entity_lookup(), test, "entities")
     print(f"  a reference that needs no model but knows the training set (entities: every training entity "
           f"looked up in the input): char acc {reference['char_accuracy']:.3f}, exact {reference['exact_match']:.3f}")
     cross = cross_task_scores(outputs, test)
