@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .corpus import HEADS, build_examples, entity_lookup, write_dataset
+from .corpus import HEADS, build_examples, entity_lookup, pos_lookup, write_dataset
 from .metrics import char_accuracy
 from .train import METRICS_FILE
 
@@ -95,9 +95,12 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         cut = 1 - (1 - acc) / max(1 - t["char_accuracy"], 1e-9)  # how much of the trivial answer's error is gone
         print(f"  {h:<9} {metrics[f'{h}/loss']:7.3f} {acc:9.3f} {metrics[f'{h}/exact_match']:7.3f}   {'':<8} "
               f"{t['char_accuracy']:8.3f} {t['exact_match']:7.3f}  {cut:9.0%}  {t['answer']}")
-    reference = score(entity_lookup(), test, "entities")
-    print(f"  a reference that needs no model but knows the training set (entities: every training entity "
-          f"looked up in the input): char acc {reference['char_accuracy']:.3f}, exact {reference['exact_match']:.3f}")
+    references = {"entities": score(entity_lookup(), test, "entities"), "pos": score(pos_lookup(), test, "pos")}
+    print("  references that need no model but know the training set (not trivial answers; what a model that "
+          "learned the training set and aligned its output with its input could reach):")
+    for h, how in (("entities", "every training entity looked up in the input"),
+                   ("pos", "the input cut into training words, each with its most frequent tag")):
+        print(f"  {h:<9} {'':>7} {references[h]['char_accuracy']:9.3f} {references[h]['exact_match']:7.3f}   {how}")
     cross = cross_task_scores(outputs, test)
     print(f"\neach head's outputs scored against every task's references on all {n} test sentences "
           f"(char accuracy; rows: head, cols: task):")
@@ -106,7 +109,7 @@ def quickstart(output_dir: Path = Path("runs/quickstart"), base: str | None = No
         print(f"  {h:<9}" + "".join(f"{cross[h][t]:10.3f}" for t in HEADS))
     print(f"\ncheckpoint: {best}\nthe same scores: gpt2mh eval --model {output_dir} {data['test']}"
           f"\ntry: gpt2mh generate --model {output_dir} 今日は東京で会議がありました。")
-    return {"metrics": metrics, "trivial": trivial, "entity_lookup": reference, "cross": cross, "checkpoint": best}
+    return {"metrics": metrics, "trivial": trivial, "references": references, "cross": cross, "checkpoint": best}
 
 
 def train_settings(base: str | None = None, steps: int | None = None) -> dict:

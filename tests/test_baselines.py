@@ -64,3 +64,17 @@ def test_entity_lookup_reference():
     assert answer("ねこがないた。") == "なし" and answer("今日は晴れ。") == "今日/dat"  # 今日 is a training date
     first = build_examples("train")[0]  # its own entities are all known; the lookup finds them in order
     assert answer(first.input).startswith("2005年7月14日/dat 南アフリカ共和国ダーバン/loc")
+
+
+def test_pos_lookup_reference():
+    # No model: the input cut into training words, each with its most frequent training tag. Exact figures.
+    from gpt2mh.corpus import pos_lookup
+    from gpt2mh.baselines import score
+
+    answer = pos_lookup()
+    test, train = build_examples("test"), build_examples("train")
+    held_out = score(answer, test, "pos")
+    assert round(held_out["char_accuracy"], 3) == 0.800 and round(held_out["exact_match"], 2) == 0.14
+    assert score(answer, train, "pos")["char_accuracy"] > 0.98  # its own words: nearly every tag right
+    assert answer("今日は晴れ。") == "名助名記"  # 今日 は 晴れ 。: every word a training word
+    assert answer("ゑゑ。") == "名記"  # a run of unseen characters is one 名

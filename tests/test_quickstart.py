@@ -33,6 +33,9 @@ def check_tables(lines: list[str], n_test: int) -> None:
                                  "error", "cut", "trivial", "answer"]
     for h, row in zip(HEADS, scores[1:4]):  # the model's scores, then its trivial answer's on the same sentences
         assert re.fullmatch(rf"  {h}\s+-?\d+\.\d{{3}}(\s+\d\.\d{{3}}){{4}}\s+-?\d+%  \S.*", row), row
+    # the model-free references (pure Python on fixed data: exact figures, as in test_baselines)
+    refs = section(lines, "  references that need no model", "")
+    assert [r.split()[:3] for r in refs[:2]] == [["entities", "0.492", "0.320"], ["pos", "0.800", "0.140"]]
     cross = section(lines, "each head's outputs scored against every task's references", "checkpoint:")
     assert cross[0].split() == list(HEADS)
     for h, row in zip(HEADS, cross[1:4]):
