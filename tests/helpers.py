@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -188,3 +189,15 @@ def quickstart_run(basetemp: Path):
     proc = run_cli(["quickstart", "--steps", STEPS, "--show", SHOW, "--output-dir", OUTPUT], cwd=cwd,
                    env=offline_env(basetemp / "quickstart-caches"), script=True, timeout=600)
     return cwd, proc
+
+
+# ---- benchmark scripts as modules (tests/test_bench_*.py, test_input_use.py) ----------------------
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the folder on sys.path, for its `import common`)."""
+    script = ROOT / "benchmarks" / f"{name}.py"
+    if str(script.parent) not in sys.path:
+        sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location(name, script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

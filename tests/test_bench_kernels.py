@@ -1,23 +1,15 @@
 """benchmarks/bench_kernels.py: one "round" is every trunk linear once at S rows plus the heads, and
 its bound counts exactly those bytes (a tiny model here; the script itself uses rinna-small's shape)."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from gpt2mh import GPT2Config, MultiHeadGPT2
 from gpt2mh.model import Conv1D
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+from helpers import load_benchmark
 
 
 def load():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_kernels")
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])

@@ -1,15 +1,10 @@
 """benchmarks/merge_generate.py: parts of one grid become one file, bounds on one bandwidth."""
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_generate.py"
+from helpers import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("merge_generate", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("merge_generate")
 
 
 def part(gbs, heads, batch, round_ms):

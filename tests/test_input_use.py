@@ -1,23 +1,15 @@
 """benchmarks/input_use.py: the swap that tells whether a head reads its input, on hand-made outputs
 (a head that copies its input loses its score when paired with another sentence; one that answers a
 constant does not)."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from gpt2mh.data import Example
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "input_use.py"
+from helpers import load_benchmark
 
 
 def load():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("input_use", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("input_use")
 
 
 @pytest.mark.parametrize("lengths", [[5, 1, 3, 2, 4], [2, 2], [7, 1, 1, 9, 3, 3], [4, 4, 4]])
