@@ -171,6 +171,18 @@ def build_examples(split: str = "train") -> list[Example]:
     return [to_example(list(tokens), f"iob_sents.txt:{line}") for line, tokens in _split(split)]
 
 
+def longest_matches(text: str, words) -> list[str | None]:
+    """text cut left to right into the longest of `words` that starts at each place; None for a
+    character no word starts with (the model-free references below)."""
+    longest = max(map(len, words), default=0)
+    out, i = [], 0
+    while i < len(text):
+        hit = next((text[i:i + n] for n in range(min(longest, len(text) - i), 0, -1) if text[i:i + n] in words), None)
+        out.append(hit)
+        i += len(hit) if hit is not None else 1
+    return out
+
+
 def entity_lookup() -> Callable[[str], str]:
     """A reference answer for `entities` that needs no model (not a trivial answer: it knows the
     training set): every entity of the training sentences found in the input, longest first and left
@@ -182,18 +194,10 @@ def entity_lookup() -> Callable[[str], str]:
     for _, tokens in _split("train"):
         for text, etype in entities(list(tokens)):
             types.setdefault(text, Counter())[etype.lower()] += 1
-    known = sorted(types, key=len, reverse=True)
     best = {text: c.most_common(1)[0][0] for text, c in types.items()}
 
     def answer(text: str) -> str:
-        found, i = [], 0
-        while i < len(text):
-            hit = next((k for k in known if text.startswith(k, i)), None)
-            if hit is None:
-                i += 1
-                continue
-            found.append(f"{hit}/{best[hit]}")
-            i += len(hit)
+        found = [f"{hit}/{best[hit]}" for hit in longest_matches(text, best) if hit is not None]
         return producible(" ".join(found)) if found else NO_ENTITIES
 
     return answer
@@ -210,19 +214,15 @@ def pos_lookup() -> Callable[[str], str]:
         for t in tokens:
             tags.setdefault(t.surface, Counter())[POS_CODES.get(t.pos, OTHER_POS)] += 1
     best = {w: c.most_common(1)[0][0] for w, c in tags.items()}
-    longest = max(map(len, best))
 
     def answer(text: str) -> str:
-        out, i, unknown = [], 0, False
-        while i < len(text):
-            hit = next((text[i:i + n] for n in range(min(longest, len(text) - i), 0, -1) if text[i:i + n] in best), None)
-            if hit is None:
-                if not unknown:
-                    out.append(POS_CODES["名詞"])
-                unknown, i = True, i + 1
-                continue
-            out.append(best[hit])
-            unknown, i = False, i + len(hit)
+        out, unknown = [], False
+        for hit in longest_matches(text, best):
+            if hit is not None:
+                out.append(best[hit])
+            elif not unknown:  # the first of a run of unmatched characters
+                out.append(POS_CODES["名詞"])
+            unknown = hit is None
         return producible("".join(out))
 
     return answer
