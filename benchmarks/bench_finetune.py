@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def head_columns(n: int) -> dict[str, str]:
     """N head names -> the corpus column each one learns; past 3 heads the columns repeat."""
-    from gpt2mh.corpus import HEADS
+    from gpt2mh.demo.corpus import HEADS
 
     return {(c if k < len(HEADS) else f"{c}{k // len(HEADS) + 1}"): c
             for k, c in ((k, HEADS[k % len(HEADS)]) for k in range(n))}
@@ -90,7 +90,7 @@ def head_columns(n: int) -> dict[str, str]:
 def checkpoint_folder(args):
     """A HF GPT-2 checkpoint folder both systems start from: random weights in a temp dir, or given."""
     if args.weights != "random":
-        from gpt2mh.hub import resolve_checkpoint
+        from gpt2mh.weights.hub import resolve_checkpoint
 
         yield resolve_checkpoint(args.weights)
         return
@@ -106,8 +106,8 @@ def checkpoint_folder(args):
 
 
 def write_data(folder: Path) -> Path:
-    from gpt2mh.corpus import build_examples
-    from gpt2mh.data import write_jsonl
+    from gpt2mh.demo.corpus import build_examples
+    from gpt2mh.train.data import write_jsonl
 
     return write_jsonl(folder / "train.jsonl", build_examples("train"))
 
@@ -116,7 +116,9 @@ def write_data(folder: Path) -> Path:
 def gpt2mh_run(folder: Path, data: Path, out_dir: Path, args):
     """`gpt2mh.train.setup`: the run `train(TrainConfig(...))` builds and steps, evaluation and saving off.
     The model comes from `load_model(folder, heads)`, the loader of `MultiHeadGPT2.from_pretrained`."""
-    from gpt2mh.train import Dist, TrainConfig, setup
+    from gpt2mh.train.config import TrainConfig
+    from gpt2mh.train.distributed import Dist
+    from gpt2mh.train.setup import setup
 
     cols = head_columns(args.heads)
     cfg = TrainConfig(train_file=str(data), heads=list(cols), columns=cols, base=str(folder),
@@ -128,7 +130,7 @@ def gpt2mh_run(folder: Path, data: Path, out_dir: Path, args):
 
 def gpt2mh_step(run) -> tuple[int, list[float], dict]:
     """One optimizer step; returns (labelled target tokens, per-head mean loss, work done)."""
-    from gpt2mh.train import train_step
+    from gpt2mh.train.loop import train_step
 
     r = train_step(run)
     tokens = int(r.labels.sum())
@@ -146,7 +148,7 @@ def hf_rows(run, examples) -> list[list[tuple[list[int], list[int]] | None]]:
     """Per example, per head: (input ids, target ids) in gpt2mh's prompt format, or None.
 
     Checked against the packed examples gpt2mh trains on: both systems learn the same tokens."""
-    from gpt2mh.prompt import encode_input, encode_target
+    from gpt2mh.inputs import encode_input, encode_target
 
     cols = list(head_columns(len(run.heads.names)).values())
     if len(examples) != len(run.data.train):
@@ -190,7 +192,8 @@ class HFFineTune:
     @classmethod
     def load(cls, folder: Path, head: int, cfg, device, total: int) -> "HFFineTune":
         import transformers
-        from gpt2mh.train import make_optimizer, make_scheduler
+
+        from gpt2mh.train.setup import make_optimizer, make_scheduler
 
         transformers.logging.set_verbosity_error()
         model = transformers.GPT2LMHeadModel.from_pretrained(folder).to(device).train()
@@ -198,7 +201,7 @@ class HFFineTune:
         return cls(model, opt, make_scheduler(opt, cfg, total), head)
 
     def train_step(self, rows, cfg, pad_id: int, device) -> tuple[int, float, dict]:
-        from gpt2mh.train import step_indices
+        from gpt2mh.train.setup import step_indices
 
         idx = step_indices(self.step, len(rows), cfg.batch_size, cfg.seed)  # gpt2mh's data order
         pairs = [rows[i][self.head] for i in idx if rows[i][self.head] is not None]
@@ -303,7 +306,7 @@ def dir_bytes(folder: Path) -> int:
 
 def disk_sizes(run, hfs, tmp: Path) -> dict:
     """gpt2mh: one checkpoint (trunk + N heads); transformers: N `save_pretrained` folders."""
-    from gpt2mh.weights import save_model
+    from gpt2mh.weights.folder import save_model
 
     g = save_model(run.model, tmp / "gpt2mh")
     hf = [m.model.save_pretrained(tmp / f"hf-{m.head}") or tmp / f"hf-{m.head}" for m in hfs]
@@ -319,6 +322,7 @@ def child(args) -> None:
     another, each freed before the next (as N separate runs would)."""
     import transformers  # noqa: F401
     from transformers import GPT2LMHeadModel  # noqa: F401  (the lazy module: import the model code)
+
     import gpt2mh  # noqa: F401
 
     fig = {"system": args.isolate, "rss_after_import": common.rss_bytes()}
@@ -332,7 +336,7 @@ def child(args) -> None:
                 for _ in range(steps):
                     gpt2mh_step(run)
             else:
-                from gpt2mh.corpus import build_examples
+                from gpt2mh.demo.corpus import build_examples
 
                 rows, cfg, pad = hf_rows(run, build_examples("train")), run.cfg, run.tokenizer.pad_id
                 del run
@@ -407,7 +411,7 @@ def main(argv=None) -> None:
     if args.isolate:
         return child(args)
     started = time.time()
-    from gpt2mh.corpus import build_examples
+    from gpt2mh.demo.corpus import build_examples
 
     with checkpoint_folder(args) as folder, tempfile.TemporaryDirectory(prefix="bench-ft-") as tmp:
         tmp = Path(tmp)

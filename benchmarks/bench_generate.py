@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def checkpoint_folder(weights: str, seed: int):
     """A HF GPT-2 checkpoint folder both systems load: random rinna-small shape in a temp dir, or given."""
     if weights != "random":
-        from gpt2mh.hub import resolve_checkpoint
+        from gpt2mh.weights.hub import resolve_checkpoint
 
         yield resolve_checkpoint(weights)
         return

@@ -4,7 +4,7 @@ dispatch, against the bandwidth bound.
 A decode round multiplies S = N x batch rows by every trunk linear weight (12 layers x c_attn,
 attn.c_proj, mlp.c_fc, mlp.c_proj at rinna-small's shapes) and each head by its batch rows. This
 script times exactly those GEMMs, back to back with nothing else (no attention, LayerNorm, GELU,
-sampling, Python of the decode step), with the kernels `generate` uses: `gpt2mh.linear`'s dispatch
+sampling, Python of the decode step), with the kernels `generate` uses: `gpt2mh.kernels.linear`'s dispatch
 after `prepack_model(model, S)` (fp32) or the int8 packs of `model.quantize("int8")`, and
 `gpt2mh.model.heads_matmul` for the heads. Its `x_bound` is what the best kernel this CPU has can
 reach at all; a decode round (bench_generate.py) cannot be closer to the bound than this.
@@ -73,8 +73,8 @@ def gemm_round(convs, xs, h, heads):
 
 @torch.no_grad()  # as generate: the dispatch uses packs (and int8 heads) only without autograd
 def scenario(model, mode: str, n: int, b: int, repeats: int) -> dict:
-    from gpt2mh.generate import selected_heads
-    from gpt2mh.linear import prepack_model
+    from gpt2mh.inference.request import selected_heads
+    from gpt2mh.kernels.linear import prepack_model
 
     S, C = n * b, model.config.n_embd
     prepack_model(model, S)  # what generate's setup does for the decode step's S rows (fp32)
@@ -99,7 +99,7 @@ def scenario(model, mode: str, n: int, b: int, repeats: int) -> dict:
 @torch.no_grad()
 def per_shape(model, mode: str, rows: int, repeats: int) -> list[dict]:
     """Achieved weight GB/s (its own bytes, int8 or fp32) of one layer of each trunk shape, best of repeats."""
-    from gpt2mh.linear import prepack_model
+    from gpt2mh.kernels.linear import prepack_model
 
     prepack_model(model, rows)
     seen, out = set(), []

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, log, machine_info, median, timed, write_json  # noqa: E402
 
-from gpt2mh.sampling import (SamplingConfig, build_controls, draw, noise_width, process,  # noqa: E402
-                             processors, sample)
+from gpt2mh.inference.controls import SamplingConfig, build_controls
+from gpt2mh.inference.sampling import draw, noise_width, processors, sample, warp
 
 SEED_MEMO = dict(do_sample=True, temperature=1.5, top_p=0.95, top_k=40, bad_words_ids=[[0], [1], [2]])
 SETTINGS = {  # name -> one config for every stream
@@ -35,7 +35,7 @@ SETTINGS = {  # name -> one config for every stream
 
 def full_step(logits, hist, cur, step, c, plan, gen):
     noise = torch.empty(logits.shape, device=logits.device).exponential_(generator=gen)
-    return sample(process(logits, hist, cur, step, c, plan), noise, c)
+    return sample(warp(processors(logits, hist, cur, step, c, plan), c, plan), noise, c)
 
 
 def trimmed_step(logits, hist, cur, step, c, plan, gen):

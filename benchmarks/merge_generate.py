@@ -6,6 +6,7 @@ Results are concatenated; every row's bound is recomputed with the best read ban
 parts (each part measured its own: `parts` keeps their settings and bandwidth samples)."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -38,11 +39,12 @@ def merge(parts: list[dict]) -> dict:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2:
-        sys.exit(__doc__)
-    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in argv[1:]]
-    common.write_json(argv[0], merge(parts))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="the merged JSON")
+    p.add_argument("parts", nargs="+", help="the JSONs of the grid's invocations")
+    args = p.parse_args(argv)
+    parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.parts]
+    common.write_json(args.out, merge(parts))
 
 
 if __name__ == "__main__":

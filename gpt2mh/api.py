@@ -1,7 +1,7 @@
 """`MultiHeadGPT2`: the network of `gpt2mh.model` with the HF-style methods users know.
 
 The methods are thin: each calls the free function of the module that owns it (loading
-`gpt2mh.weights`, generation `gpt2mh.generate`, scoring `gpt2mh.score`, int8 `gpt2mh.quantize`).
+`gpt2mh.weights`, generation `gpt2mh.inference.generate`, scoring `gpt2mh.inference.score`, int8 `gpt2mh.kernels.int8`).
 They live here, above all of those, so that `gpt2mh.model` imports nothing but torch and config."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Sequence
 
 import torch
 
-from .generate import generate
-from .hub import resolve_checkpoint
+from .inference.generate import generate
+from .inference.score import score
+from .kernels.int8 import quantize_model
 from .model import GPT2
-from .quantize import quantize_model
-from .score import score
-from .weights import load_model, save_model
+from .weights.folder import load_model, save_model
+from .weights.hub import resolve_model
 
 
 class MultiHeadGPT2(GPT2):
@@ -30,21 +30,21 @@ class MultiHeadGPT2(GPT2):
         heads=None keeps a gpt2mh checkpoint's heads, or gives one head "lm" for a HF checkpoint;
         a list of names gives those heads, each new name an untied copy of the pretrained LM head;
         quantize="int8": inference with int8 weights (see `quantize`)."""
-        model = load_model(resolve_checkpoint(src, revision=revision), heads, device=device, dtype=dtype, cls=cls)
+        model = load_model(resolve_model(src, revision=revision), heads, device=device, dtype=dtype, cls=cls)
         return model.quantize(quantize) if quantize else model
 
     def save_pretrained(self, folder: str | Path, **kwargs) -> Path:
         return save_model(self, folder, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, heads=None, **kwargs) -> dict[str, torch.Tensor]:
-        """Continue every prompt with every selected head in one pass (see `gpt2mh.generate`).
+        """Continue every prompt with every selected head in one pass (see `gpt2mh.inference.generate`).
 
         Controls (HF names) apply to all heads; `per_head={"name": {...}}` overrides them per head.
         Returns {head: LongTensor (B * num_return_sequences, new_tokens)}, pad after a stream ends."""
         return generate(self, input_ids, attention_mask, heads, **kwargs)
 
     def score(self, input_ids, attention_mask, target_ids, target_mask=None, heads=None) -> torch.Tensor:
-        """log p(target | prompt) summed per row, for every head: (N, B) (see `gpt2mh.score`)."""
+        """log p(target | prompt) summed per row, for every head: (N, B) (see `gpt2mh.inference.score`)."""
         return score(self, input_ids, attention_mask, target_ids, target_mask, heads)
 
     def quantize(self, mode: str | None = "int8") -> "MultiHeadGPT2":

@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+CONFIG_JSON = "config.json"  # the HF file GPT2Config reads and writes; a folder holding it is a model folder
+
 # HF settings that change the maths and that this implementation does not do: refused by name.
 _UNSUPPORTED = {
     "scale_attn_by_inverse_layer_idx": False,
@@ -12,6 +14,8 @@ _UNSUPPORTED = {
     "add_cross_attention": False,
     "scale_attn_weights": True,
 }
+
+
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh approximation
 
 

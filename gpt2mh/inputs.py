@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
+from typing import Sequence
 
 import torch
 
@@ -67,7 +68,6 @@ def _unpack(input_ids, attention_mask, name: str, mask_name: str):
 
 def to_ids(x, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
     """Any accepted form of token ids -> a (B, T) LongTensor, every id checked against the vocabulary."""
-    from .prompt import check_ids
 
     ids = _tensor(x, name)
     check_ids(ids, vocab_size, name)
@@ -96,7 +96,7 @@ def to_mask(mask, ids: torch.Tensor, name: str = "attention_mask", ids_name: str
     return m.to(device=ids.device).bool().long()
 
 
-def pack(ids: torch.Tensor, mask: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def align_padding(ids: torch.Tensor, mask: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Real tokens of each row together, order kept, padding on `side` ("left" or "right");
     columns that are padding in every row dropped."""
     key = mask.bool().long() if side == "left" else 1 - mask.bool().long()  # pads sort first on the left
@@ -124,7 +124,7 @@ def prompt_batch(input_ids, attention_mask, vocab_size: int, *, side: str = "lef
     if empty and not allow_empty_rows:
         raise ValueError(f"{mask_name} row(s) {empty[:10]} are all 0: those rows have no token to start from; "
                          f"drop them, or pass an empty prompt as a (B, 0) tensor")
-    return pack(ids, mask, side)
+    return align_padding(ids, mask, side)
 
 
 def prompt_width(input_ids) -> int:
@@ -139,3 +139,49 @@ def prompt_width(input_ids) -> int:
             return len(input_ids[0])
         return len(input_ids)
     return 0
+
+
+def check_vocab(tokenizer, model) -> None:
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'model_file', '')} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model.config.vocab_size}: they do not belong together"
+        )
+
+
+def encode_input(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_eos=True)  # ... </s>
+
+
+def encode_target(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_eos=True)  # the head's answer, then </s> to stop
+
+
+def check_ids(ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Token ids must be an integer tensor with every id in [0, vocab_size): an embedding lookup would
+    otherwise fail with an IndexError that names nothing."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.LongTensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    bad = ((ids < 0) | (ids >= vocab_size)).nonzero()
+    if len(bad):
+        where = tuple(bad[0].tolist())
+        raise ValueError(f"{name}{list(where)} = {int(ids[where])} is not a token id of this model "
+                         f"(vocab_size={vocab_size}); {len(bad)} id(s) out of range")
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) of the inputs, ready for `generate`.
+
+    An empty string is a valid input: it encodes to [</s>], a one-token prompt."""
+    check_vocab(tokenizer, model)
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("expected a non-empty list of input strings")
+    input_ids, mask = tokenizer.batch_encode(list(texts), add_eos=True)  # as encode_input
+    n = model.config.n_positions
+    for i, length in enumerate(mask.sum(1).tolist()):
+        if length >= n:  # the output needs room too: at least one new (or target) token
+            raise ValueError(f"input {i} is {length} tokens long; the model's context is n_positions={n} tokens, "
+                             f"the output included: shorten the input")
+    return input_ids, mask

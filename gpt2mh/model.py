@@ -16,19 +16,19 @@ class Conv1D(nn.Module):
     """HF GPT-2's linear layer: weight stored [in, out], y = x @ W + b.
 
     Keeping this layout makes loading a pure rename, and x @ W with W [in, out] is also the faster
-    memory order for these shapes on CPU. `pack` is a pluggable kernel `pack(x, weight, bias)` set
-    from outside the network (a prepacked few-row weight, `gpt2mh.linear`; int8, `gpt2mh.quantize`);
+    memory order for these shapes on CPU. `kernel` is a pluggable `kernel(x, weight, bias)` set from
+    outside the network (a prepacked few-row weight, `gpt2mh.kernels.linear`; int8, `gpt2mh.kernels.int8`);
     it falls back to `addmm` itself whenever it does not apply."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        self.pack = None
+        self.kernel = None  # set by gpt2mh.kernels (prepack_layer, quantize_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.size(-1))  # (M, in)
-        y = torch.addmm(self.bias, x2, self.weight) if self.pack is None else self.pack(x2, self.weight, self.bias)
+        y = torch.addmm(self.bias, x2, self.weight) if self.kernel is None else self.kernel(x2, self.weight, self.bias)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -136,7 +136,7 @@ def heads_matmul(h: torch.Tensor, heads) -> torch.Tensor:
     is one set of hidden states shared by every head (training, scoring). A baddbmm, not a bmm: on
     CPU, inductor lowers a bmm with M = 1 to an elementwise multiply-and-sum that runs ~3x slower
     than MKL's GEMV. `heads` may also be a head kernel with the same contract (int8 mode,
-    gpt2mh.quantize.Int8Heads.matmul)."""
+    gpt2mh.kernels.int8.Int8Heads.matmul)."""
     h = h.expand(heads.size(0), -1, -1)  # (N, M, C), a view when shared
     if not isinstance(heads, torch.Tensor):
         return heads.matmul(h)
@@ -166,7 +166,8 @@ class GPT2(nn.Module):
         )
         self.heads = nn.Parameter(torch.empty(len(self.head_names), config.n_embd, config.vocab_size))
         self.gradient_checkpointing = False
-        self.int8_heads = None  # the heads' int8 kernel, set by gpt2mh.quantize
+        self.int8_heads = None  # the heads' int8 kernel, set by gpt2mh.kernels.int8.quantize_model
+        self._head_subset = None  # (key, heads[idx]) kept for CUDA graphs by gpt2mh.inference.request.selected_heads
         self.reset_parameters()
 
     # ---- construction -------------------------------------------------------------------------
@@ -294,4 +295,3 @@ def check_head_names(names: Sequence[str]) -> tuple[str, ...]:
     if dup:
         raise ValueError(f"duplicate head names {dup}; each head needs its own name")
     return names
-

@@ -5,7 +5,6 @@ rinna users build `T5Tokenizer(spiece.model, extra_ids=0, unk/bos/eos/pad/cls/se
 4.57.6 in tests/test_tokenizer.py) without importing transformers. The quirks copied on purpose are
 marked "HF:".
 """
-
 from __future__ import annotations
 
 import numbers
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+
+from .atomic import atomic_write_bytes
 
 PACKAGED_MODEL = Path(__file__).parent / "assets" / "spiece.model"
 MODEL_NAME = "spiece.model"
@@ -206,6 +207,5 @@ class Tokenizer:
         dst = folder / MODEL_NAME
         if dst.is_file() and dst.read_bytes() == self._model_bytes:
             return dst
-        from .atomic import atomic_write_bytes
 
         return atomic_write_bytes(dst, self._model_bytes)

@@ -11,7 +11,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: a real request fails at once
 
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` / `from conftest import ...` in every folder
 
 import pytest
 import torch

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2mh.corpus import build_examples
-from gpt2mh.data import write_jsonl as write_examples
-from gpt2mh.hub import DEFAULT_REPO
+from gpt2mh.demo.corpus import build_examples
 from gpt2mh.tokenizer import Tokenizer
-from gpt2mh.train import TrainConfig
+from gpt2mh.train.config import TrainConfig
+from gpt2mh.train.data import write_jsonl as write_examples
+from gpt2mh.weights.hub import DEFAULT_REPO
 
-HEADS = ("reading", "entities", "pos")  # corpus columns these tests train on (every example carries reading; the quickstart trains gpt2mh.corpus.HEADS)
+HEADS = ("reading", "entities", "pos")  # corpus columns these tests train on (every example carries reading; the quickstart trains gpt2mh.demo.corpus.HEADS)
 
 
 # ---- an offline HF cache (tests/test_hub.py) ----------------------------------------------------
@@ -193,11 +193,22 @@ def quickstart_run(basetemp: Path):
 
 # ---- benchmark scripts as modules (tests/test_bench_*.py, test_input_use.py) ----------------------
 def load_benchmark(name: str):
-    """benchmarks/<name>.py imported as a module (the folder on sys.path, for its `import common`)."""
+    """benchmarks/<name>.py (name may hold a subfolder: "experiments/input_use") imported as a module,
+    with benchmarks/ on sys.path for its `import common`."""
     script = ROOT / "benchmarks" / f"{name}.py"
-    if str(script.parent) not in sys.path:
-        sys.path.insert(0, str(script.parent))
-    spec = importlib.util.spec_from_file_location(name, script)
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# ---- the full-vocab sampling path, as a reference for the in-graph one ----------------------------
+def process(scores, history, cur_len, step, c, plan):
+    """HF's processors, then (sampling streams only) the warpers, over the whole vocabulary: what
+    `gpt2mh.inference.sampling.draw` computes in one pass, spelled out for the tests to compare."""
+    from gpt2mh.inference.sampling import processors, warp
+
+    scores = processors(scores, history, cur_len, step, c, plan)
+    return warp(scores, c, plan) if plan.any_sample else scores

@@ -18,8 +18,8 @@ import torch
 
 from gpt2mh import GPT2Config, MultiHeadGPT2
 from gpt2mh.atomic import atomic_write_text
-from gpt2mh.data import Example, write_jsonl
-from gpt2mh.weights import convert_bin
+from gpt2mh.train.data import Example, write_jsonl
+from gpt2mh.weights.hf import convert_bin
 
 TINY = dict(vocab_size=32000, n_positions=16, n_embd=8, n_layer=1, n_head=2)
 
@@ -44,10 +44,10 @@ model = MultiHeadGPT2(GPT2Config(**json.loads(sys.argv[4])), ["x", "y"])  # new 
 if writer == "save_model":
     model.save_pretrained(folder / "ckpt")
 elif writer == "convert_bin":
-    from gpt2mh.weights import convert_bin
+    from gpt2mh.weights.hf import convert_bin
     convert_bin(folder / "pytorch_model.bin", folder / "model.safetensors", overwrite=True)
 elif writer == "write_jsonl":
-    from gpt2mh.data import Example, write_jsonl
+    from gpt2mh.train.data import Example, write_jsonl
     write_jsonl(folder / "data.jsonl", [Example("new", {"a": "b"}, "x:1")])
 elif writer == "tokenizer":
     from gpt2mh.tokenizer import Tokenizer
@@ -55,7 +55,7 @@ elif writer == "tokenizer":
     tok._model_bytes = b"not the old bytes"
     tok.save(folder / "tok")
 elif writer == "export":
-    from gpt2mh.export import export_hf
+    from gpt2mh.weights.export import export_hf
     export_hf(model, "y", folder / "export", tokenizer=False)
 elif writer == "torch_save":
     atomic.atomic_torch_save({"new": torch.ones(3)}, folder / "state.pt")
@@ -75,7 +75,7 @@ def previous_files(folder: Path) -> dict[str, Path]:
     write_jsonl(folder / "data.jsonl", [Example("old", {"a": "c"}, "y:1")])
     (folder / "tok").mkdir()
     (folder / "tok" / "spiece.model").write_bytes(b"old tokenizer bytes")
-    from gpt2mh.export import export_hf
+    from gpt2mh.weights.export import export_hf
 
     export_hf(old, "a", folder / "export", tokenizer=False)
     torch.save({"old": torch.zeros(2)}, folder / "state.pt")
@@ -135,7 +135,7 @@ def test_cli_convert_onto_its_own_input_is_refused_and_keeps_it(tmp_path, capsys
 
 
 def test_export_into_its_own_checkpoint_is_refused(tmp_path):
-    from gpt2mh.export import export_hf_from_checkpoint
+    from gpt2mh.weights.export import export_hf_from_checkpoint
 
     MultiHeadGPT2(GPT2Config(**TINY, bos_token_id=1, eos_token_id=2, pad_token_id=3), ["a"]).save_pretrained(tmp_path / "ckpt")
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-
 from conftest import NO_DROPOUT, RINNA_SMALL, TINY, TINY_ODD, hf_logits, left_padded
+
 from gpt2mh import GPT2Config, MultiHeadGPT2
 from gpt2mh.model import padded_causal_mask, position_ids_from_mask
 
@@ -232,7 +232,8 @@ def test_unsupported_config_refused(key, value, match):
 
 
 def test_unsupported_config_in_checkpoint_refused(hf_checkpoint, tmp_path):
-    import json, shutil
+    import json
+    import shutil
 
     _, folder = hf_checkpoint(TINY)
     shutil.copytree(folder, tmp_path / "ckpt")
@@ -251,8 +252,9 @@ def test_prompt_longer_than_context_refused():
 
 def test_n_inner_absent_is_four_n_embd_like_transformers():
     # HF's GPT2MLP: n_inner if set, else 4 * n_embd — for GPT2Config(...), config.json and model_config alike
-    from gpt2mh.train import TrainConfig, build_model
     from gpt2mh.tokenizer import Tokenizer
+    from gpt2mh.train.config import TrainConfig
+    from gpt2mh.train.setup import build_model
 
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=50))
     hf_width = hf.transformer.h[0].mlp.c_fc.weight.shape[1]

@@ -32,9 +32,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import (
+    OUTPUT,
+    ROOT,
+    console_script,
+    offline_env,
+    ok,
+    quickstart_run,
+    rinna_cache,
+    run_cli,
+)
 
-from gpt2mh.corpus import HEADS  # the quickstart's, which the README's commands and blocks use
-from helpers import OUTPUT, ROOT, console_script, ok, offline_env, quickstart_run, rinna_cache, run_cli
+from gpt2mh.demo.corpus import (
+    HEADS,  # the quickstart's, which the README's commands and blocks use
+)
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -139,7 +150,7 @@ def test_python_blocks(tmp_path, hf_checkpoint, rinna_spiece):
 
 # ---- the json and toml blocks -----------------------------------------------------------------------
 def test_data_format_example(tmp_path):
-    from gpt2mh.data import read_examples
+    from gpt2mh.train.data import read_examples
 
     ((_, code),) = blocks("json")
     row = json.loads(code)
@@ -160,7 +171,7 @@ def readme_toml() -> str:
 def test_toml_block_is_a_valid_train_config():
     import tomllib
 
-    from gpt2mh.train import TrainConfig
+    from gpt2mh.train.config import TrainConfig
 
     cfg = TrainConfig.from_dict(tomllib.loads(readme_toml()))
     assert cfg.heads == list(HEADS) and cfg.max_steps == 2

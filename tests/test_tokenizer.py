@@ -57,7 +57,7 @@ HANDMADE = [
 def corpus_sentences() -> list[str]:
     # The surfaces of every hironsancorpus sentence, read by gpt2mh.corpus (which never imports the
     # package's own parser or pickle).
-    from gpt2mh.corpus import load_sentences
+    from gpt2mh.demo.corpus import load_sentences
 
     train, test = load_sentences()
     return ["".join(t.surface for t in sent) for sent in train + test]

@@ -1,0 +1,136 @@
+"""Flag types and helpers the commands share: --model and --device, head lists, key=value controls,
+--seed, and the one-line UsageError."""
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+
+from ..weights.hub import latest_checkpoint, looks_like_path, resolve_model
+
+DEFAULT_RUN = Path("runs/quickstart")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def model_folder(src: str | None, revision: str | None = None) -> Path:
+    """--model: a checkpoint folder, a training output folder (its newest checkpoint) or a hub id;
+    None: the quickstart's result in runs/quickstart."""
+    if src is None:
+        if latest_checkpoint(DEFAULT_RUN) is None:
+            raise UsageError(f"no --model given and no quickstart result in {DEFAULT_RUN}: "
+                             "run `gpt2mh quickstart` first or pass --model FOLDER_OR_HUB_ID")
+        src = str(DEFAULT_RUN)
+    check_local(src, "--model")
+    if revision is not None and Path(src).expanduser().exists():  # it would be ignored
+        raise UsageError(f"--revision {revision}: pins a commit of a hub repo, but --model {src} is a local "
+                         f"folder; leave --revision out")
+    return resolve_model(src, revision=revision)
+
+
+def check_local(src: str, flag: str) -> None:
+    """`runs/quikstart` has the shape of a hub id (owner/name), but when `runs/` is a local folder it is
+    a mistyped path: report the missing folder instead of asking the hub for it."""
+    path = Path(src).expanduser()
+    if path.exists() or looks_like_path(src):  # a path-shaped src: resolve_checkpoint reports it
+        return
+    parent = path.parent
+    if parent.is_dir():
+        near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
+        hint = f"; did you mean {parent / near[0]}?" if near else ""
+        raise FileNotFoundError(f"{flag} {src}: no such local folder ({parent}/ exists here, so it is read as "
+                                f"a path, not a hub id{hint})")
+
+
+def load_model_and_tokenizer(src: str | None, device: str | None, revision: str | None = None):
+    from ..api import MultiHeadGPT2
+    from ..tokenizer import Tokenizer
+
+    folder = model_folder(src, revision)
+    model = MultiHeadGPT2.from_pretrained(folder, device=pick_device(device))
+    tok = Tokenizer.for_model(folder)
+    return model, tok
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    from ..weights.folder import check_device
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)  # `--device nope` is refused by name before any data is read or written
+    return device
+
+
+def parse_head_controls(specs: list[str], names) -> dict:
+    """`--head reading:temperature=0,max_new_tokens=40` -> {"reading": {...}}."""
+    from ..inference.controls import SamplingConfig
+
+    per_head = {}
+    for spec in specs or []:
+        name, sep, rest = spec.partition(":")
+        if not sep:
+            raise UsageError(f"--head {spec!r}: expected NAME:key=value,... (e.g. reading:do_sample=false)")
+        if name not in names:
+            raise UsageError(f"--head {spec!r}: unknown head {name!r}; the model has {list(names)}")
+        cfg = SamplingConfig.from_string(rest)
+        # every key given, default values too: `--controls do_sample=true --head h:do_sample=false` makes h greedy
+        controls = {key: getattr(cfg, key) for key in given_keys(rest)}
+        merged = per_head.setdefault(name, {})  # `--head h:a=1 --head h:b=2` is h:a=1,b=2
+        clash = sorted(k for k in controls if k in merged and merged[k] != controls[k])
+        if clash:
+            raise UsageError(f"--head {spec!r}: {name}'s {', '.join(clash)} already set by an earlier --head "
+                             f"{name}:... to another value; give each control once")
+        merged.update(controls)
+    return per_head
+
+
+def given_keys(spec: str) -> list[str]:
+    """The keys of a `key=value,...` spec (SamplingConfig.from_string has checked it)."""
+    return [item.partition("=")[0].strip() for item in spec.split(",") if item.strip()]
+
+
+def head_list(value: str | None, flag: str = "--heads") -> list[str] | None:
+    """`--heads a,b` -> ["a", "b"]; None: every head. An empty name (`--heads ''`, `--heads a,`) is refused,
+    not read as "all heads"."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise UsageError(f"{flag} {value!r}: expected comma-separated head names, e.g. {flag} reading,pos "
+                         f"(leave {flag} out for every head)")
+    return names
+
+
+def at_least(flag: str, value: int | None, low: int, meaning: str = "") -> None:
+    if value is not None and value < low:
+        raise UsageError(f"{flag} {value}: must be >= {low}{meaning}")
+
+
+def seed_arg(text: str) -> int:
+    """--seed: an integer torch's generators and the training data order both take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed is an integer in [0, 2**32)")
+    return value
+
+
+def folder_arg(path: str | None, flag: str) -> None:
+    """An output folder given as the path of an existing file: say so before any work."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a folder; give a folder for the outputs")
+
+
+def control_dict(cfg) -> dict:
+    from dataclasses import fields
+
+    from ..inference.controls import SamplingConfig
+
+    default = SamplingConfig()
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}

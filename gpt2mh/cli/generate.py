@@ -1,0 +1,121 @@
+"""`gpt2mh generate`: every head's output for each input (plain, --json, --stream)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+from .args import (
+    UsageError,
+    control_dict,
+    head_list,
+    load_model_and_tokenizer,
+    parse_head_controls,
+    seed_arg,
+)
+
+
+def read_inputs(args) -> list[str]:
+    if args.text and args.file:
+        raise UsageError(f"got TEXT arguments and --file {args.file}: give the inputs one way (the other would be "
+                         f"ignored)")
+    if args.text:
+        return list(args.text)
+    if args.file:
+        path = Path(args.file)
+        if path.is_dir():
+            raise UsageError(f"--file {path}: is a folder; expected a UTF-8 text file with one input per line")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such input file") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text ({e})") from None
+    else:
+        lines = sys.stdin.read().splitlines()
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UsageError("no input text: give TEXT arguments, --file FILE or lines on stdin")
+    return texts
+
+
+def cmd_generate(args) -> None:
+    from ..inference.controls import SamplingConfig
+    from ..inference.generate import generate_text, stream
+    from ..inputs import encode_prompts
+
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.revision)
+    heads = head_list(args.heads)
+    names = [model.head_names[i] for i in model.head_index(heads)]
+    controls = control_dict(SamplingConfig.from_string(args.controls)) if args.controls else {}
+    if args.stream and args.json:
+        raise UsageError("--stream prints text as it is produced, --json whole outputs as JSON lines: "
+                         "give one of them")
+    if args.max_new_tokens is not None:  # 0 and negatives too: refused by name, never ignored
+        if controls.get("max_new_tokens", args.max_new_tokens) != args.max_new_tokens:
+            raise UsageError(f"--max-new-tokens {args.max_new_tokens} and --controls max_new_tokens="
+                             f"{controls['max_new_tokens']} disagree: give one of them")
+        controls["max_new_tokens"] = args.max_new_tokens
+    kwargs = dict(per_head=parse_head_controls(args.head, names), compile=args.compile, seed=args.seed, **controls)
+    texts = read_inputs(args)
+    if args.stream:
+        print_stream(stream(model, tok, *encode_prompts(tok, texts, model), heads, **kwargs), texts, names)
+        return
+    out = generate_text(model, tok, texts, heads, **kwargs)
+    for i, text in enumerate(texts):
+        row = {"input": text, **{h: out[h][i] for h in names}}
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            print(text)
+            for h in names:
+                print(f"  {h:>{max(map(len, names))}}: {row[h]}")
+
+
+def print_stream(pieces, texts: list[str], names: list[str]) -> None:
+    """--stream in the layout of the plain output (each input, then one line per head). The first
+    output streams live; the others are held back and follow in order, so no line is ever interleaved
+    with another: with several heads or inputs the rest appears when generation ends."""
+    width = max(map(len, names))
+    order = [(row, h) for row in range(len(texts)) for h in names]
+    got = {key: "" for key in order}
+    live = 0  # the (row, head) being printed live
+
+    def start(k: int) -> None:
+        row, h = order[k]
+        if h == names[0]:
+            print(texts[row])
+        print(f"  {h:>{width}}: ", end="")
+
+    pieces = iter(pieces)
+    first = next(pieces, None)  # settings are checked when generation starts: no header before that
+    start(0)
+    for head, row, piece in itertools.chain([first] if first else [], pieces):
+        got[row, head] += piece
+        if (row, head) == order[live]:
+            print(piece, end="", flush=True)
+    print(flush=True)
+    for k in range(live + 1, len(order)):
+        start(k)
+        print(got[order[k]], flush=True)
+
+
+def add_parsers(add) -> None:
+    s = add("generate", help="every head's output for each input text")
+    s.add_argument("text", nargs="*", help="input text(s); else --file or stdin")
+    s.add_argument("--model", help="checkpoint folder, training output folder or hub id (default: runs/quickstart)")
+    s.add_argument("--revision")
+    s.add_argument("--file", help="one input per line")
+    s.add_argument("--heads", help="comma-separated subset of heads")
+    s.add_argument("--controls", help="controls for all heads, e.g. do_sample=true,temperature=1.5,top_p=0.95")
+    s.add_argument("--head", action="append", metavar="NAME:KEY=VALUE,...", help="controls for one head")
+    s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    s.add_argument("--seed", type=seed_arg)
+    s.add_argument("--json", action="store_true", help="one JSON object per input (JSONL)")
+    s.add_argument("--stream", action="store_true", help="print text as it is produced")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step (pays off for long or repeated runs)")
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_generate)

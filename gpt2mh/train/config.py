@@ -1,0 +1,315 @@
+"""`TrainConfig`: one fine-tuning run's settings (the keys of its TOML/JSON file), read, checked and
+written; `parse_set` reads the command line's `--set KEY=VALUE`."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import tomllib
+import torch
+
+from ..model import GPT2, check_head_names
+from .evaluate import DEFAULT_MAX_NEW_TOKENS
+from .packing import TRUNCATION
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+# ---- configuration -------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """One run's settings, by concern (the flat fields are the TOML/JSON file's keys). Checked by `check`."""
+    # data
+    train_file: str
+    validation_file: str | None = None
+    validation_fraction: float = 0.0           # held out of train_file when no validation_file
+    input_column: str = "input"
+    columns: dict[str, str] | None = None      # head -> column (default: the head's name)
+    max_length: int | None = None              # per input + target; None: the model's n_positions
+    truncation: str = "truncate"               # or "drop" (see gpt2mh.train.packing)
+    # model and heads
+    base: str | None = None                    # HF folder / hub id / gpt2mh checkpoint; None: from scratch
+    model_config: dict | None = None           # GPT2Config fields for a model from scratch
+    heads: list[str] | None = None             # the model's heads; None: those of a gpt2mh base
+    add_heads: list[str] | None = None         # new heads on the base, initialised from its LM head
+    train_heads: list[str] | None = None       # only these heads get a loss and change; None: all
+    tokenizer: str | None = None               # None: the base's spiece.model, else the packaged rinna one
+    freeze_trunk: bool = False
+    freeze_embeddings: bool = False
+    dropout: float | None = None               # overrides embd/attn/resid dropout of the base
+    gradient_checkpointing: bool = False
+    # optimisation
+    batch_size: int = 8                        # examples per optimizer step, over all processes
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    epochs: float | None = None                # when set, max_steps = ceil(epochs * examples / batch_size)
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01                 # not on biases and LayerNorm
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"                # cosine | linear | constant (after the warmup)
+    min_lr_ratio: float = 0.0                  # where cosine/linear decay ends, as a fraction of the lr
+    max_grad_norm: float | None = 1.0
+    loss_weights: dict[str, float] | None = None  # head -> weight (default 1.0): Σ_k w_k · mean CE_k
+    seed: int = 42
+    # evaluation
+    eval_every: int = 200                      # steps; 0: only at the end
+    eval_samples: int = 32                     # validation rows generated greedily for EM / char acc
+    eval_max_new_tokens: int | dict = DEFAULT_MAX_NEW_TOKENS  # or {head: int}; also what `gpt2mh eval` uses
+    eval_batch_size: int | None = None         # None: batch_size
+    metric_for_best: str = "loss"              # an evaluate() key, e.g. "reading/char_accuracy"
+    greater_is_better: bool | None = None      # None: False for losses and perplexities
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    # checkpoints and logs
+    output_dir: str = "runs/gpt2mh"
+    save_every: int = 500                      # steps; 0: only at the end (and at a new best)
+    keep_last: int | None = 3                  # newest checkpoints kept (the best is always kept)
+    resume: bool | str = False                 # True: the latest checkpoint in output_dir; or a folder
+    log_every: int = 10
+    progress: bool = True                      # tqdm bar on a terminal, else a log line every ~15 s (rank 0)
+    # hardware
+    device: str | None = None                  # None: cuda if available, else cpu
+    bf16: bool | None = None                   # None: bf16 autocast on CUDA when supported
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _plain(getattr(self, f.name)))
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for name in ("heads", "train_heads", "add_heads"):
+            names = getattr(self, name)
+            if names is not None:
+                setattr(self, name, [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names))
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        self.check()
+
+    def check(self, model: GPT2 | None = None, device: torch.device | None = None, world: int = 1,
+              validation: bool | None = None) -> None:
+        """Every check of the settings, in this one place. Alone (at construction): what the
+        settings decide by themselves. With the model, the device and the process count (setup):
+        head names, lengths, bf16, the batch split. With `validation` (does the run have a
+        validation set?): the settings that need one."""
+        limits = self.eval_max_new_tokens
+        budgets = list(limits.values()) if isinstance(limits, dict) else [limits]
+        unknown = sorted(set(limits) - set(self.heads or limits)) if isinstance(limits, dict) else []
+        checks = [
+            (self.truncation in TRUNCATION, f"truncation must be one of {TRUNCATION}, got {self.truncation!r}"),
+            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}"),
+            (self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+             f"batch_size and gradient_accumulation_steps must be >= 1, got batch_size={self.batch_size}, "
+             f"gradient_accumulation_steps={self.gradient_accumulation_steps}"),
+            (self.gradient_accumulation_steps < 1 or self.batch_size % self.gradient_accumulation_steps == 0,
+             f"batch_size={self.batch_size} is not divisible by gradient_accumulation_steps="
+             f"{self.gradient_accumulation_steps} (batch_size counts the examples of a whole optimizer step)"),
+            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.epochs is None or 0 < self.epochs < math.inf, f"epochs must be finite and > 0, got {self.epochs}"),
+            (0 < self.learning_rate < math.inf, f"learning_rate must be finite and > 0, got {self.learning_rate}"),
+            (0 <= self.weight_decay < math.inf, f"weight_decay must be finite and >= 0, got {self.weight_decay}"),
+            (0 < self.adam_eps < math.inf, f"adam_eps must be finite and > 0, got {self.adam_eps}"),
+            (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.max_grad_norm is None or 0 <= self.max_grad_norm < math.inf,
+             f"max_grad_norm must be None or 0 (no clipping) or a finite number > 0, got {self.max_grad_norm}"),
+            (0 <= self.seed < SEED_LIMIT, f"seed must be an integer in [0, 2**32), got {self.seed}"),
+            (0.0 <= self.validation_fraction < 1.0, f"validation_fraction must be in [0, 1), got {self.validation_fraction}"),
+            (not (self.validation_file and self.validation_fraction),
+             "give validation_file or validation_fraction, not both"),
+            (self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.keep_last is None or self.keep_last >= 1, f"keep_last must be >= 1 or None, got {self.keep_last}"),
+            (min(self.eval_every, self.save_every, self.eval_samples, self.warmup_steps) >= 0,
+             "eval_every, save_every, eval_samples and warmup_steps must be >= 0"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1 or None (None: batch_size), got {self.eval_batch_size}"),
+            (all(isinstance(n, int) and n >= 1 for n in budgets),
+             f"eval_max_new_tokens must be >= 1 (an int, or {{head: int}}), got {self.eval_max_new_tokens!r}"),
+            (not unknown, f"eval_max_new_tokens names head(s) {unknown} that are not in heads={self.heads}"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             f"early_stopping_patience must be >= 1 or None (None: no early stopping), "
+             f"got {self.early_stopping_patience}"),
+            (self.train_heads != [], "train_heads=[] trains no head; give the heads to train, or None for all"),
+            (self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
+            (self.base is not None or self.model_config is not None or self.resume,
+             "set base (a HF folder or hub id such as rinna/japanese-gpt2-small, or a gpt2mh checkpoint) "
+             "or model_config (GPT2Config fields) to train from scratch"),
+            (not (self.base is not None and self.model_config is not None),
+             "model_config describes a model from scratch; it cannot be combined with base"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name in ("train_file", "input_column", "output_dir", "validation_file", "base", "tokenizer", "resume"):
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                raise ValueError(f"{name} is an empty string; give a value" + ("" if name in
+                                 ("train_file", "input_column", "output_dir") else " or leave it unset"))
+        bad = {h: c for h, c in (self.columns or {}).items() if not (isinstance(c, str) and c.strip())}
+        if bad:
+            raise ValueError(f"columns maps each head to a column name (a non-empty string): {bad}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device={self.device!r} is not a torch device ({str(e).splitlines()[0][:60]}...); "
+                                 f"use e.g. 'cpu', 'cuda' or 'cuda:1', or None for cuda when available") from None
+        for name in ("heads", "train_heads", "add_heads"):
+            if getattr(self, name):  # None / []: not given
+                try:
+                    check_head_names(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+        for name in ("heads", "add_heads"):  # new heads: names the command line can address
+            odd = [n for n in getattr(self, name) or [] if n != n.strip() or any(c in n for c in ",:")]
+            if odd:
+                raise ValueError(f"{name}: head name(s) {odd} contain ',' or ':' or start or end with a space; the "
+                                 f"command line could not name them (--heads a,b / --head NAME:key=value): "
+                                 f"rename them")
+        bad = {h: w for h, w in (self.loss_weights or {}).items()
+               if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ValueError(f"loss_weights must be finite numbers >= 0: {bad}")
+        if model is not None:
+            self._check_against(model, device, world)
+        if validation is not None:
+            self._check_validation(model, validation)
+
+    def _check_against(self, model: GPT2, device: torch.device, world: int) -> None:
+        names = list(model.head_names)
+        for option in ("loss_weights", "columns"):
+            unknown = sorted(set(getattr(self, option) or {}) - set(names))
+            if unknown:
+                raise ValueError(f"{option} names unknown heads {unknown}; the model's heads: {names}")
+        trained = [names[i] for i in model.head_index(self.train_heads)]
+        if not any((self.loss_weights or {}).get(h, 1.0) for h in trained):
+            raise ValueError(f"loss_weights {self.loss_weights} give every trained head weight 0: nothing to learn")
+        if self.bf16 and device.type != "cuda":
+            raise ValueError("bf16 autocast is for CUDA; on CPU train in fp32 (bf16=false)")
+        n_positions = model.config.n_positions
+        if (self.max_length or n_positions) > n_positions:
+            raise ValueError(f"max_length={self.max_length} exceeds the model's n_positions={n_positions}")
+        need = self.gradient_accumulation_steps * world
+        if self.batch_size % need:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by gradient_accumulation_steps x "
+                             f"processes = {need}")
+
+    def _check_validation(self, model: GPT2, validation: bool) -> None:
+        if not validation and (self.early_stopping_patience or self.metric_for_best != "loss"):
+            raise ValueError("early stopping and metric_for_best need a validation set "
+                             "(validation_file or validation_fraction)")
+        trained = [model.head_names[i] for i in model.head_index(self.train_heads)]
+        kinds = ["loss", "perplexity", "tokens"] + (["exact_match", "char_accuracy"] if self.eval_samples else [])
+        known = ["loss"] + kinds[3:] + [f"{h}/{k}" for h in trained for k in kinds]
+        if validation and self.metric_for_best not in known:
+            close = difflib.get_close_matches(self.metric_for_best, known, n=1)
+            raise ValueError(f"metric_for_best={self.metric_for_best!r} is not an evaluation metric"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; one of {known}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, names, n=1, cutoff=0.6)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown training setting(s) {', '.join(hints)}; valid settings: {', '.join(names)}")
+        if "train_file" not in d:
+            raise ValueError("train_file is required")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path) -> "TrainConfig":
+        """A TOML or JSON file of TrainConfig fields (omit a key for its default; TOML has no null)."""
+        path = Path(path)
+        if path.suffix not in (".toml", ".json"):
+            raise ValueError(f"{path}: a training config is a .toml or .json file")
+        try:
+            if path.suffix == ".toml":
+                d = tomllib.loads(path.read_text(encoding="utf-8"))
+            else:
+                d = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a table of settings")
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SEED_LIMIT = 2**32  # the CLI's --seed range too (the data order multiplies the seed by 1_000_003)
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate key(s) {dup}: each setting may appear once (JSON keeps only the last)")
+    return dict(pairs)
+
+
+def _plain(value):
+    """pathlib paths -> str, numpy scalars -> Python numbers (np.int64(4) is not an int)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()  # heads=np.array(["a", "b"]): a list of str
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+          "list": (list, tuple), "dict": (dict,), "tuple": (list, tuple)}
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    allowed = [a.strip().split("[")[0] for a in str(annotation).split("|")]
+    for a in allowed:
+        if isinstance(value, _TYPES[a]) and not (a in ("int", "float") and isinstance(value, bool)):
+            return
+    raise TypeError(f"{name} must be {annotation}, got {value!r} ({type(value).__name__})")
+
+
+# ---- command line --------------------------------------------------------------------------------
+SET_HELP = ("override a setting; VALUE is read as JSON (5, 1e-4, true, null, [\"a\"], {\"n_embd\": 256}); "
+            "anything that is not JSON is a string")
+
+
+def parse_set(items) -> dict:
+    """`--set KEY=VALUE` items -> {key: value}: the one grammar of both training command lines
+    (`gpt2mh train` and `python -m gpt2mh.train`). VALUE is JSON where it parses as JSON (numbers,
+    true/false/null, lists, objects), else the text itself (`--set base=rinna/japanese-gpt2-small`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -1,0 +1,179 @@
+"""Validation metrics: per-head loss and perplexity, and per-head exact match / character accuracy
+of greedy generations — used by training (every `eval_every` steps) and by `gpt2mh eval`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from ..inference.generate import generate_text
+from ..inputs import check_vocab
+from ..model import GPT2 as MultiHeadGPT2
+from .data import Example, read_examples
+from .metrics import char_accuracy, exact_match
+from .packing import PackedExample, collate, pack_examples, packed_loss
+
+logger = logging.getLogger(__name__)
+
+
+# Generation budget of the scored greedy outputs, when neither the call nor the run's train_config.json
+# sets one (TrainConfig.eval_max_new_tokens): training-time evaluation, `gpt2mh eval` and the quickstart
+# all resolve it through run_settings(), so they score the same outputs.
+DEFAULT_MAX_NEW_TOKENS = 128
+PROGRESS_SECONDS = 15.0  # a progress log line at most this often (visible without a terminal)
+
+
+@torch.no_grad()
+def eval_loss(model: MultiHeadGPT2, packed: Sequence[PackedExample], pad_id: int, batch_size: int,
+              autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and label counts per head over the packed examples: (N,), (N,)."""
+    N = len(model.head_names)
+    sums, counts = torch.zeros(N), torch.zeros(N)
+    for i in range(0, len(packed), batch_size):
+        batch = collate(packed[i: i + batch_size], pad_id, N).to(model.device)
+        with autocast():
+            out = packed_loss(model, batch)
+        sums += out.head_sums
+        counts += out.head_tokens
+    return sums, counts
+
+
+@torch.no_grad()
+def generate_predictions(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads=None,
+                         max_new_tokens: int | Mapping[str, int] = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
+                         progress: bool = False) -> dict[str, list[str]]:
+    """Greedy output of each head for each example's input (all heads in one generate call).
+    max_new_tokens: one budget for every head, or {head: budget} (a head not named: DEFAULT_MAX_NEW_TOKENS).
+    progress: log "generated k/n examples" lines (at most every PROGRESS_SECONDS, and the last)."""
+    names = [model.head_names[i] for i in model.head_index(heads)]
+    limits = head_limits(max_new_tokens, names)
+    out = {h: [] for h in names}
+    last_log = time.monotonic()
+    for i in range(0, len(examples), batch_size):
+        done = min(i + batch_size, len(examples))
+        if progress and (time.monotonic() - last_log >= PROGRESS_SECONDS or i == 0):
+            logger.info("evaluation: generating examples %d-%d of %d", i + 1, done, len(examples))
+            last_log = time.monotonic()
+        texts = [ex.input for ex in examples[i: i + batch_size]]
+        longest = max(len(tokenizer.encode(t)) for t in texts)
+        room = model.config.n_positions - longest
+        if room < 1:
+            raise ValueError(f"an input of {longest} tokens leaves no room to generate "
+                             f"(n_positions={model.config.n_positions})")
+        per_head = {h: {"max_new_tokens": min(limits[h], room)} for h in names}
+        got = generate_text(model, tokenizer, texts, names, per_head=per_head, compile=False,
+                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        for h in names:
+            out[h] += got[h]
+    return out
+
+
+def head_limits(max_new_tokens: int | Mapping[str, int], names: Sequence[str]) -> dict[str, int]:
+    """{head: generation budget} from one int for all heads or a {head: int} mapping."""
+    if isinstance(max_new_tokens, Mapping):
+        return {h: int(max_new_tokens.get(h, DEFAULT_MAX_NEW_TOKENS)) for h in names}
+    return {h: int(max_new_tokens) for h in names}
+
+
+def score_predictions(predictions: dict[str, list[str]], examples: Sequence[Example]) -> dict[str, float]:
+    """Per head exact match and character accuracy (1 - edit distance / reference length) over the
+    examples that have a reference for that head."""
+    metrics = {}
+    for head, preds in predictions.items():
+        pairs = [(p, ex.targets[head]) for p, ex in zip(preds, examples) if head in ex.targets]
+        if pairs:
+            metrics[f"{head}/exact_match"] = sum(exact_match(p, r) for p, r in pairs) / len(pairs)
+            metrics[f"{head}/char_accuracy"] = sum(char_accuracy(p, r) for p, r in pairs) / len(pairs)
+    return metrics
+
+
+def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads: Sequence[str] | None = None, *,
+             batch_size: int = 8, max_length: int | None = None, truncation: str = "truncate",
+             samples: int | None = 32, max_new_tokens: int | Mapping[str, int] = DEFAULT_MAX_NEW_TOKENS,
+             loss_weights: dict[str, float] | None = None, bf16: bool = False,
+             packed: Sequence[PackedExample] | None = None, progress: bool = False,
+             predictions: dict[str, list[str]] | None = None) -> dict[str, float]:
+    """Validation metrics: per head loss, perplexity and label count on all examples; per head exact
+    match and char accuracy of greedy generations on the first `samples` examples (None: all, 0: none).
+    predictions: those generations already made by generate_predictions (one row per sampled example).
+
+    Keys: "loss" (Σ_k w_k · loss_k, the training objective), "<head>/loss", "<head>/perplexity",
+    "<head>/tokens", "<head>/exact_match", "<head>/char_accuracy", and the means over heads
+    "exact_match", "char_accuracy"; "samples", the number of examples the generation scores are over."""
+    check_vocab(tokenizer, model)
+    names = [model.head_names[i] for i in model.head_index(heads)]
+    was_training = model.training
+    model.eval()
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+    try:
+        with torch.random.fork_rng(devices=[]):  # evaluation never moves the training RNG
+            if packed is None:
+                chosen = [Example(e.input, {h: t for h, t in e.targets.items() if h in names}, e.source)
+                          for e in examples]
+                packed, _ = pack_examples([e for e in chosen if e.targets], tokenizer, model.head_names,
+                                          max_length or model.config.n_positions, truncation)
+            sums, counts = eval_loss(model, packed, tokenizer.pad_id, batch_size, autocast)
+            metrics, total = {}, 0.0
+            for h in names:
+                k = model.head_names.index(h)
+                if counts[k] == 0:
+                    continue
+                loss = float(sums[k] / counts[k])
+                w = (loss_weights or {}).get(h, 1.0)
+                total += w * loss
+                metrics.update({f"{h}/loss": loss, f"{h}/perplexity": math.exp(min(loss, 700.0)),
+                                f"{h}/tokens": int(counts[k])})
+            metrics = {"loss": total, **metrics}
+            sample = list(examples if samples is None else examples[:samples])
+            if sample:
+                if predictions is None:
+                    predictions = generate_predictions(model, tokenizer, sample, names, max_new_tokens,
+                                                       batch_size * 4, progress)
+                metrics.update(score_predictions(predictions, sample))
+                metrics["samples"] = len(sample)
+                for key in ("exact_match", "char_accuracy"):
+                    vals = [v for k, v in metrics.items() if k.endswith("/" + key)]
+                    if vals:
+                        metrics[key] = sum(vals) / len(vals)
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def run_settings(checkpoint: str | Path) -> dict:
+    """How the run that wrote `checkpoint` reads and scores data, from its train_config.json (defaults
+    for a checkpoint without one): input_column, columns, max_length, truncation, eval_max_new_tokens."""
+    path = Path(checkpoint) / "train_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {"input_column": cfg.get("input_column") or "input", "columns": cfg.get("columns") or None,
+            "max_length": cfg.get("max_length"), "truncation": cfg.get("truncation") or "truncate",
+            "eval_max_new_tokens": cfg.get("eval_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS}
+
+
+def evaluate_file(model: MultiHeadGPT2, tokenizer, checkpoint: str | Path, data: str | Path,
+                  heads: Sequence[str] | None = None, *, samples: int | None = None,
+                  max_new_tokens: int | Mapping[str, int] | None = None, input_column: str | None = None, batch_size: int = 8,
+                  progress: bool = True) -> tuple[dict[str, float], list[Example], dict[str, list[str]]]:
+    """The held-out figures of a checkpoint on a data file, read and scored as its run did (columns,
+    input column, max_length, truncation and eval_max_new_tokens from its train_config.json): what
+    `gpt2mh eval` prints and the quickstart shows. Returns (metrics, examples, greedy predictions
+    of the first `samples` examples; None: all)."""
+    run = run_settings(checkpoint)
+    names = [model.head_names[i] for i in model.head_index(heads)]
+    columns = {h: c for h, c in (run["columns"] or {}).items() if h in names} or None
+    examples, report = read_examples(data, names, input_column or run["input_column"], columns)
+    logger.info("%s", report.summary())
+    sample = list(examples if samples is None else examples[:samples])
+    limit = run["eval_max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    predictions = generate_predictions(model, tokenizer, sample, names, limit, batch_size * 4, progress) if sample else {}
+    metrics = evaluate(model, tokenizer, examples, names, batch_size=batch_size, max_length=run["max_length"],
+                       truncation=run["truncation"], samples=samples, max_new_tokens=limit,
+                       predictions=predictions or None)
+    return metrics, examples, predictions
