@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ._checks import as_float, as_int
+
 CONFIG_JSON = "config.json"  # the HF file GPT2Config reads and writes; a folder holding it is a model folder
 
 # HF settings that change the maths and that this implementation does not do: refused by name.
@@ -24,22 +26,10 @@ def _get(d: dict, key: str, default):
 
 
 def _int(key: str, value) -> int:
-    # int(True) == 1 and int(2.7) == 2 would load a different model than the file describes.
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"{key}={value!r} must be an integer")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} must be an integer") from None
-
-
-def _float(key: str, value) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} must be a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} must be a number") from None
+    # A file may write 768.0 or "768"; 1.5, True and "x" are refused.
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        value = int(value)
+    return as_int(key, value, whole_floats=True)
 
 
 _INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
@@ -75,7 +65,7 @@ class GPT2Config:
                 object.__setattr__(self, name, self.vocab_size - 1)
         self._check_special_ids(self.vocab_size)
         for name in _FLOAT_FIELDS:
-            object.__setattr__(self, name, _float(name, getattr(self, name)))
+            object.__setattr__(self, name, as_float(name, getattr(self, name)))
         if not isinstance(self.activation_function, str):
             raise ValueError(f"activation_function={self.activation_function!r} must be a string")
         if self.activation_function not in _ACTIVATIONS:
@@ -125,11 +115,11 @@ class GPT2Config:
                 n_layer=_int("n_layer", d["n_layer"]),
                 n_head=_int("n_head", d["n_head"]),
                 n_inner=None if d.get("n_inner") is None else _int("n_inner", d["n_inner"]),
-                layer_norm_epsilon=_float("layer_norm_epsilon", _get(d, "layer_norm_epsilon", 1e-5)),
+                layer_norm_epsilon=as_float("layer_norm_epsilon", _get(d, "layer_norm_epsilon", 1e-5)),
                 activation_function=_get(d, "activation_function", "gelu_new"),
-                embd_pdrop=_float("embd_pdrop", _get(d, "embd_pdrop", 0.1)),
-                attn_pdrop=_float("attn_pdrop", _get(d, "attn_pdrop", 0.1)),
-                resid_pdrop=_float("resid_pdrop", _get(d, "resid_pdrop", 0.1)),
+                embd_pdrop=as_float("embd_pdrop", _get(d, "embd_pdrop", 0.1)),
+                attn_pdrop=as_float("attn_pdrop", _get(d, "attn_pdrop", 0.1)),
+                resid_pdrop=as_float("resid_pdrop", _get(d, "resid_pdrop", 0.1)),
             )
             # transformers accepts special ids outside the vocabulary (a model that never emits them;
             # its GPT2Config defaults bos/eos to 50256 whatever vocab_size), so a config.json may hold

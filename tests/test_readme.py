@@ -1,4 +1,4 @@
-"""Every command and code block of README.md is run here, so the README cannot drift (issue 5).
+"""Every command and code block of README.md is run here, so the README cannot drift.
 
 - ```python blocks: run in order, in one namespace, in a fresh process, unmodified. Offline, with
   `rinna/japanese-gpt2-small` resolving to a TINY random checkpoint in rinna's exact layout
@@ -10,16 +10,15 @@
   these (see SUBSTITUTIONS and TOML_SUBSTITUTIONS):
     * `gpt2mh quickstart` runs with `--steps 3 --show 2 --output-dir runs/quickstart` added (the
       default output folder, made explicit: the run is shared with tests/test_quickstart.py);
-    * `gpt2mh bench generate --quick` is checked with `--help` instead: the quick benchmark itself
-      takes minutes and compares against transformers (the benchmark suite's job); `--help` shows the
-      command forwards to benchmarks/bench_generate.py and that `--quick` exists;
     * `train --config train.toml` gets the README's ```toml block as train.toml with `max_steps = 2`
       (paths as written: data/train.jsonl and data/valid.jsonl are made from the quickstart's data).
   Files the README's commands name are made in that folder first: path/to/pytorch_model.bin (the tiny
   checkpoint, written by transformers with safe_serialization=False), inputs.txt, data/*.jsonl.
-  `pip install ...` and `bash .ci/run` are checked for what they name, not run.
+  `pip install ...` and `bash .ci/run` are checked for what they name (the extras in pyproject.toml,
+  the torch pin in .ci/run), not run.
 - ```json: the data-format example parses as a row of the quickstart's three heads.
-- Paths the README names (layout block, file names in backticks) exist."""
+- Paths the README names exist: every file and folder of the layout block (nested by indentation,
+  with the files a folder line lists), file names in backticks, and relative links (of docs/*.md too)."""
 from __future__ import annotations
 
 import ast
@@ -52,7 +51,6 @@ FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 QUICKSTART_ARGS = ["--steps", "3", "--show", "2", "--output-dir", OUTPUT]
 SUBSTITUTIONS = {  # README command -> what runs
     ("gpt2mh", "quickstart"): ["gpt2mh", "quickstart", *QUICKSTART_ARGS],
-    ("gpt2mh", "bench", "generate", "--quick"): ["gpt2mh", "bench", "generate", "--help"],
 }
 TOML_SUBSTITUTIONS = {"max_steps = 2000": "max_steps = 2"}
 
@@ -87,17 +85,24 @@ def test_readme_has_the_blocks_this_test_runs():
     assert len(blocks("python")) >= 4 and len(blocks("toml")) == 1 and len(blocks("json")) == 1
     assert [cmd for _, cmd in COMMANDS if cmd[0] == "gpt2mh"][0] == ["gpt2mh", "quickstart"]
     subcommands = {cmd[1] for _, cmd in GPT2MH}
-    assert subcommands >= {"quickstart", "download", "convert", "train", "generate", "eval", "export-hf", "bench"}
+    assert subcommands >= {"quickstart", "download", "convert", "train", "generate", "eval", "export-hf"}
     others = [cmd for _, cmd in COMMANDS if cmd[0] != "gpt2mh"]
     assert others and all(cmd[:2] in (["pip", "install"], ["bash", ".ci/run"]) for cmd in others), others
 
 
 # ---- commands that are not run: pip install, bash .ci/run ---------------------------------------
 def test_install_and_ci_commands_name_what_exists():
+    import tomllib
+
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
     for _, cmd in COMMANDS:
         if cmd[:2] == ["pip", "install"]:
-            assert "-e" in cmd and cmd[cmd.index("-e") + 1] == "." and (ROOT / "pyproject.toml").is_file()
+            assert "-e" in cmd, cmd
+            target = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", cmd[cmd.index("-e") + 1])  # . or .[extra,...]
+            assert target, f"README installs {cmd[cmd.index('-e') + 1]!r}, not this checkout"
+            missing = [e for e in (target.group(1) or "").split(",") if e and e not in extras]
+            assert not missing, f"README installs extras {missing} that pyproject.toml does not declare"
             for pin in (w for w in cmd if w.startswith("torch==")):
                 assert f"install --quiet {pin}" in ci, f"README pins {pin}; .ci/run installs another torch"
         elif cmd[:2] == ["bash", ".ci/run"]:
@@ -137,7 +142,10 @@ def test_python_blocks(tmp_path, hf_checkpoint, rinna_spiece):
             assert [line.split(" ", 1)[0] for line in printed] == ast.literal_eval(heads.group(1))
         if "generate_text(" in code:  # {head: [text]}
             texts = ast.literal_eval(printed[-1])
-            assert set(texts) == {"reading", "entities", "rewrite"} and all(len(v) == 1 for v in texts.values())
+            assert set(texts) == set(HEADS) and all(len(v) == 1 for v in texts.values())
+        if "stream(" in code:  # {head: the streamed pieces joined}
+            pieces = ast.literal_eval(printed[-1])
+            assert set(pieces) == set(HEADS) and all(isinstance(v, str) for v in pieces.values())
         if "score_text(" in code:  # the tuned model's heads, then {head: [log p]}
             assert ast.literal_eval(printed[0]) in (HEADS, list(HEADS))
             scores = ast.literal_eval(printed[-1])
@@ -247,8 +255,6 @@ def test_readme_command(readme_runs, line, cmd):
         folder = cwd / cmd[cmd.index("--out") + 1]
         assert cwd / out.strip() == folder and (folder / "config.json").is_file()
         assert (folder / "model.safetensors").is_file() and (folder / "spiece.model").is_file()
-    elif sub == "bench":
-        assert "usage: bench_generate.py" in out and "--quick" in out
     elif sub == "quickstart":
         assert "per-head held-out scores" in out and (cwd / OUTPUT / "checkpoint-3").is_dir()
     else:
@@ -256,15 +262,58 @@ def test_readme_command(readme_runs, line, cmd):
 
 
 # ---- paths the README names ---------------------------------------------------------------------------
+PATH = r"[.\w-]+(?:/[.\w-]+)*/?"
+REPO_PATH = r"(?<![\w./-])((?:gpt2mh|tests|benchmarks|weights|docs|\.ci)/[\w./-]*)"  # a path from the repository root
+BARE_FILE = r"(?<![\w./-])([\w-]+\.(?:py|md))\b"  # a file name a folder line lists
+
+
+def layout_paths() -> list[str]:
+    """Every path the layout block names. A line is `NAME  description`; a NAME is nested under the
+    nearest folder line (NAME/) indented less; a line without a NAME continues the description above.
+    A folder's description names files in it (`hub.py (...), hf.py`); any description may name paths
+    from the repository root (`tests/test_structure.py`)."""
+    layout = next(code for _, code in blocks("") if "pyproject.toml" in code)
+    named, folders, current = [], [], None  # folders: (indent, path) enclosing the current line
+    for line in layout.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        first, *rest = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        if re.fullmatch(PATH, first):
+            while folders and folders[-1][0] >= indent:
+                folders.pop()
+            current = (folders[-1][1] if folders else "") + first
+            named.append(current)
+            if first.endswith("/"):
+                folders.append((indent, current))
+            description = rest[0] if rest else ""
+        else:
+            assert current, f"layout line {line!r} continues no entry"
+            description = line.strip()
+        if current.endswith("/"):
+            named += [current + f for f in re.findall(BARE_FILE, description)]
+        named += re.findall(REPO_PATH, description)
+    return named
+
+
 def test_paths_named_in_the_readme_exist():
     text = README.read_text(encoding="utf-8")
-    layout = next(code for _, code in blocks("") if "pyproject.toml" in code)
-    named = [f for line in layout.splitlines() for f in re.split(r"\s{2,}", line.strip())
-             if re.fullmatch(r"[.\w-]+(/[.\w-]+)*/?", f)]
-    named += re.findall(r"`((?:gpt2mh|tests|benchmarks|weights|\.ci)/[\w./-]*)`", text)
-    assert len(named) >= 8, named
-    missing = [p for p in named if not (ROOT / p).exists()]
-    modules = re.findall(r"`(\w+\.py)`", text.split("`gpt2mh/`:", 1)[1])
+    named = layout_paths()
+    assert len(named) >= 40, named
+    modules = [p for p in named if p.startswith("gpt2mh/") and p.endswith(".py")]
     assert len(modules) >= 10, modules
-    missing += [f"gpt2mh/{m}" for m in modules if not (ROOT / "gpt2mh" / m).is_file()]
+    named += re.findall(r"`((?:gpt2mh|tests|benchmarks|weights|docs|\.ci)/[\w./-]*)`", text)
+    missing = [p for p in named if not (ROOT / p).exists()]
     assert not missing, f"README.md names paths that do not exist: {missing}"
+
+
+def test_relative_links_resolve():
+    """README.md and docs/*.md link to files of the repository: each target exists."""
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 2
+    links = [(page, target) for page in pages
+             for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)", page.read_text(encoding="utf-8"))
+             if not re.match(r"\w+:", target)]
+    assert any(page == README for page, _ in links), "README.md links to no docs page"
+    missing = [f"{page.relative_to(ROOT)} -> {t}" for page, t in links if not (page.parent / t).exists()]
+    assert not missing, f"links to files that do not exist: {missing}"

@@ -16,7 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "gpt2mh"
 
 # Lowest first. A unit is a top-level module or a folder of gpt2mh/.
 LAYERS = [
-    ("leaves: stdlib (torch at most)", {"config", "atomic", "_checks"}),
+    ("shared argument checks", {"_checks"}),
+    ("leaves: stdlib (torch at most)", {"config", "atomic"}),
     ("the network, the tokenizer, model inputs", {"model", "tokenizer", "inputs"}),
     ("weights on disk, kernels", {"weights", "kernels"}),
     ("inference: requests, the decode step, the engine", {"inference"}),

@@ -112,11 +112,13 @@ def at_least(flag: str, value: int | None, low: int, meaning: str = "") -> None:
 
 def seed_arg(text: str) -> int:
     """--seed: an integer torch's generators and the training data order both take."""
+    from .._checks import SEED_RANGE
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**32:
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
         raise argparse.ArgumentTypeError(f"{value} is out of range: a seed is an integer in [0, 2**32)")
     return value
 

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._checks import is_int
+
 _INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_new_tokens", "max_new_tokens", "num_return_sequences")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty")
 _TYPICAL_OFF = 2.0  # typical mass > 1: every cumulative prob is below it, so nothing is removed
@@ -30,10 +32,6 @@ def _tuple(x):
 def _require(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is out of range: {allowed}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class SamplingConfig:
 
     def validate(self, vocab_size: int | None = None) -> None:
         for name in _INT_FIELDS:
-            _require(_is_int(getattr(self, name)), name, getattr(self, name), "must be an integer")
+            _require(is_int(getattr(self, name)), name, getattr(self, name), "must be an integer")
         for name in _FLOAT_FIELDS:
             v = getattr(self, name)
             _require(isinstance(v, numbers.Real) and not isinstance(v, bool), name, v, "must be a number")
@@ -103,7 +101,7 @@ class SamplingConfig:
         allowed = "token ids must be integers >= 0" + (f" and < vocab_size={vocab_size}" if vocab_size else "")
 
         def ok_id(t):
-            return _is_int(t) and t >= 0 and (vocab_size is None or t < vocab_size)
+            return is_int(t) and t >= 0 and (vocab_size is None or t < vocab_size)
 
         for w in self.bad_words_ids:
             _require(isinstance(w, tuple) and len(w) > 0, "bad_words_ids", w, "each entry must be a non-empty "

@@ -3,13 +3,13 @@ overrides, HF aliases such as max_length), the batch and cache buckets, the rand
 from __future__ import annotations
 
 import numbers
-import operator
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .._checks import as_seed, is_int
 from ..inputs import prompt_batch, prompt_width
 from ..kernels.linear import stale_packs
 from ..model import GPT2
@@ -97,7 +97,7 @@ def head_configs(model: GPT2, names: Sequence[str], controls: dict, per_head: Ma
             raise TypeError(f"head {name!r}: {e}; valid controls are {list(SamplingConfig.__dataclass_fields__)}") from None
         for key in ("eos_token_id", "pad_token_id"):
             v = getattr(cfg, key)
-            if v is not None and not all(_is_id(t) for t in (v if isinstance(v, (list, tuple)) else [v])):
+            if v is not None and not all(is_int(t) for t in (v if isinstance(v, (list, tuple)) else [v])):
                 raise ValueError(f"head {name!r}: {key}={v!r} must be a token id (an int, e.g. tokenizer.eos_id)"
                                  + (" or a list of them" if key == "eos_token_id" else ""))
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else eos_default
@@ -121,10 +121,6 @@ def selected_heads(model: GPT2, idx: list[int]) -> Tensor:
         torch._dynamo.mark_static_address(sel)
         model._head_subset = (key, sel)
     return model._head_subset[1]
-
-
-def _is_id(t) -> bool:
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def use_compile(compile: bool | None, model: GPT2) -> bool:
@@ -183,23 +179,7 @@ def make_generator(seed: int | None, generator: torch.Generator | None, device) 
         return generator
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(check_seed(seed))
-
-
-SEEDS = (-2**63, 2**64)  # what torch.Generator.manual_seed accepts
-
-
-def check_seed(seed) -> int:
-    """An integer seed (numpy and 0-d tensor integers too); int(1.5) or int("3") would quietly pick another."""
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        value = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed={seed!r}: expected an integer (got {type(seed).__name__})") from None
-    if not SEEDS[0] <= value < SEEDS[1]:
-        raise ValueError(f"seed={value} is out of range: a seed is an integer in [-2**63, 2**64)")
-    return value
+    return torch.Generator(device=device).manual_seed(as_seed(seed))
 
 
 def hf_aliases(controls: dict, input_ids) -> dict:
@@ -222,14 +202,14 @@ def hf_aliases(controls: dict, input_ids) -> dict:
     words = controls.get("bad_words_ids")
     if words is not None:
         try:
-            controls["bad_words_ids"] = tuple(tuple(_token_id(t) for t in w) for w in words)
+            controls["bad_words_ids"] = tuple(tuple(_bad_word_id(t) for t in w) for w in words)
         except (TypeError, ValueError):
             raise ValueError(f"bad_words_ids={words!r}: expected a list of token-id lists, "
                              f"e.g. [[5], [7, 8]]") from None
     return controls
 
 
-def _token_id(t) -> int:
-    if isinstance(t, (str, bytes, bool)) or int(t) != t:
+def _bad_word_id(t) -> int:
+    if isinstance(t, (str, bytes)) or not is_int(t) and not (isinstance(t, numbers.Real) and int(t) == t):
         raise TypeError(t)
     return int(t)

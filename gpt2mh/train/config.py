@@ -14,6 +14,7 @@ import numpy as np
 import tomllib
 import torch
 
+from .._checks import SEED_RANGE
 from ..model import GPT2, check_head_names
 from .evaluate import DEFAULT_MAX_NEW_TOKENS
 from .packing import TRUNCATION
@@ -117,7 +118,7 @@ class TrainConfig:
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.max_grad_norm is None or 0 <= self.max_grad_norm < math.inf,
              f"max_grad_norm must be None or 0 (no clipping) or a finite number > 0, got {self.max_grad_norm}"),
-            (0 <= self.seed < SEED_LIMIT, f"seed must be an integer in [0, 2**32), got {self.seed}"),
+            (SEED_RANGE[0] <= self.seed < SEED_RANGE[1], f"seed must be an integer in [0, 2**32), got {self.seed}"),
             (0.0 <= self.validation_fraction < 1.0, f"validation_fraction must be in [0, 1), got {self.validation_fraction}"),
             (not (self.validation_file and self.validation_fraction),
              "give validation_file or validation_fraction, not both"),
@@ -252,7 +253,6 @@ class TrainConfig:
         return asdict(self)
 
 
-SEED_LIMIT = 2**32  # the CLI's --seed range too (the data order multiplies the seed by 1_000_003)
 
 
 def _no_duplicate_keys(pairs: list) -> dict:

@@ -191,7 +191,9 @@ def test_quickstart_with_bad_steps_keeps_the_previous_run(root, capsys):
     (1.5, TypeError, r"seed=1\.5: expected an integer \(got float\)"),  # int(1.5) quietly gave seed 1
     ("3", TypeError, r"seed='3': expected an integer \(got str\)"),
     (True, TypeError, r"seed=True: expected an integer"),
-    (10**30, ValueError, r"seed=10{30} is out of range: a seed is an integer in \[-2\*\*63, 2\*\*64\)"),
+    (10**30, ValueError, r"seed=10{30} is out of range: a seed is an integer in \[0, 2\*\*32\)"),
+    (2**32, ValueError, r"seed=4294967296 is out of range: a seed is an integer in \[0, 2\*\*32\)"),  # one range
+    (-1, ValueError, r"seed=-1 is out of range"),  # for generation, training and --seed alike
 ])
 def test_generate_seed_must_be_an_integer(root, seed, error, message):
     from gpt2mh.inference.generate import generate_text
