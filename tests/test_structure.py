@@ -144,7 +144,7 @@ def test_importing_the_network_loads_nothing_else():
     code = "import gpt2mh.model, sys; print(sorted(m for m in sys.modules if m.startswith('gpt2mh')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PKG.parent).stdout
-    assert out.strip() == "['gpt2mh', 'gpt2mh.config', 'gpt2mh.model']"
+    assert out.strip() == "['gpt2mh', 'gpt2mh._checks', 'gpt2mh.config', 'gpt2mh.model']"
 
 
 @pytest.mark.slow  # spawns a Python process

@@ -18,7 +18,7 @@ from .args import (
     seed_arg,
 )
 
-DEFAULT_EVAL_TOKENS = 128  # gpt2mh.train.evaluate.DEFAULT_MAX_NEW_TOKENS (not imported: --help stays torch-free)
+DEFAULT_EVAL_TOKENS = 128  # gpt2mh.train.config.DEFAULT_MAX_NEW_TOKENS (not imported: --help stays torch-free)
 
 
 TRAIN_EPILOG = """\

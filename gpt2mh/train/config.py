@@ -16,10 +16,12 @@ import torch
 
 from .._checks import SEED_RANGE
 from ..model import GPT2, check_head_names
-from .evaluate import DEFAULT_MAX_NEW_TOKENS
 from .packing import TRUNCATION
 
 SCHEDULES = ("cosine", "linear", "constant")
+# Generation budget of the scored greedy outputs when neither the call nor the run sets one
+# (eval_max_new_tokens): training-time evaluation, `gpt2mh eval` and the quickstart.
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 # ---- configuration -------------------------------------------------------------------------------

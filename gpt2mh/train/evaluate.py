@@ -3,6 +3,7 @@ of greedy generations — used by training (every `eval_every` steps) and by `gp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -16,6 +17,8 @@ import torch
 from ..inference.generate import generate_text
 from ..inputs import check_vocab
 from ..model import GPT2 as MultiHeadGPT2
+from .checkpoint import CONFIG_JSON
+from .config import DEFAULT_MAX_NEW_TOKENS, TrainConfig
 from .data import Example, read_examples
 from .metrics import char_accuracy, exact_match
 from .packing import PackedExample, collate, pack_examples, packed_loss
@@ -23,10 +26,6 @@ from .packing import PackedExample, collate, pack_examples, packed_loss
 logger = logging.getLogger(__name__)
 
 
-# Generation budget of the scored greedy outputs, when neither the call nor the run's train_config.json
-# sets one (TrainConfig.eval_max_new_tokens): training-time evaluation, `gpt2mh eval` and the quickstart
-# all resolve it through run_settings(), so they score the same outputs.
-DEFAULT_MAX_NEW_TOKENS = 128
 PROGRESS_SECONDS = 15.0  # a progress log line at most this often (visible without a terminal)
 
 
@@ -147,14 +146,18 @@ def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads
     return metrics
 
 
+RUN_KEYS = ("input_column", "columns", "max_length", "truncation", "eval_max_new_tokens")
+
+
 def run_settings(checkpoint: str | Path) -> dict:
-    """How the run that wrote `checkpoint` reads and scores data, from its train_config.json (defaults
-    for a checkpoint without one): input_column, columns, max_length, truncation, eval_max_new_tokens."""
-    path = Path(checkpoint) / "train_config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return {"input_column": cfg.get("input_column") or "input", "columns": cfg.get("columns") or None,
-            "max_length": cfg.get("max_length"), "truncation": cfg.get("truncation") or "truncate",
-            "eval_max_new_tokens": cfg.get("eval_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS}
+    """How the run that wrote `checkpoint` reads and scores data: those of its train_config.json's
+    RUN_KEYS that are set, TrainConfig's defaults for the others (and for a checkpoint without one).
+    Training-time evaluation, `gpt2mh eval` and the quickstart all read them here, so they score
+    the same outputs."""
+    path = Path(checkpoint) / CONFIG_JSON
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {k: defaults[k] if saved.get(k) is None else saved[k] for k in RUN_KEYS}
 
 
 def evaluate_file(model: MultiHeadGPT2, tokenizer, checkpoint: str | Path, data: str | Path,

@@ -183,3 +183,11 @@ def test_report_without_matplotlib_says_so(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("report.py: error: the plot needs matplotlib, which is not installed: "
                                    "pip install -e '.[bench]' (or pass --no-plot for the table only)")
+
+
+def test_eval_help_states_the_library_default():
+    # `gpt2mh --help` imports no torch, so the CLI restates one default; it must be the library's.
+    from gpt2mh.cli.train import DEFAULT_EVAL_TOKENS
+    from gpt2mh.train.config import DEFAULT_MAX_NEW_TOKENS
+
+    assert DEFAULT_EVAL_TOKENS == DEFAULT_MAX_NEW_TOKENS
