@@ -51,5 +51,5 @@ class MultiHeadGPT2(GPT2):
         """Inference with int8 weights: every trunk linear and every head stored as int8 with a
         per-output-channel scale (embeddings, LayerNorms, biases stay fp32). The fp32 parameters
         are kept (saving and training use them); a changed weight drops back to its fp32 kernel.
-        mode=None: back to exact fp32. Error vs fp32: see README (int8 mode)."""
+        mode=None: back to exact fp32. Error vs fp32: benchmarks/README.md (int8 error)."""
         return quantize_model(self, mode)

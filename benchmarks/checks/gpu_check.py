@@ -308,7 +308,7 @@ def check_torchrun(dev, work: Path) -> dict:
     path = work / "ddp.json"
     path.write_text(json.dumps(cfg), encoding="utf-8")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533",
-           "-m", "gpt2mh.train", str(path), "--no-progress"]
+           "-m", "gpt2mh", "train", "--config", str(path), "--set", "progress=false"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                       os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -303,7 +303,7 @@ SET_HELP = ("override a setting; VALUE is read as JSON (5, 1e-4, true, null, [\"
 
 def parse_set(items) -> dict:
     """`--set KEY=VALUE` items -> {key: value}: the one grammar of both training command lines
-    (`gpt2mh train` and `python -m gpt2mh.train`). VALUE is JSON where it parses as JSON (numbers,
+    (`gpt2mh train`). VALUE is JSON where it parses as JSON (numbers,
     true/false/null, lists, objects), else the text itself (`--set base=rinna/japanese-gpt2-small`)."""
     out = {}
     for item in items:

@@ -1,8 +1,8 @@
 """Supervised multi-task fine-tuning: one shared trunk, one head per target column (run_clm.py's job).
 
     cfg = TrainConfig(train_file="train.jsonl", heads=["reading", "pos"], base="rinna/japanese-gpt2-small")
-    result = train(cfg)            # or: python -m gpt2mh.train run.toml [--resume]
-                                   #     torchrun --nproc_per_node=2 -m gpt2mh.train run.toml
+    result = train(cfg)            # or: gpt2mh train --config run.toml [--resume]
+                                   #     torchrun --nproc-per-node 2 -m gpt2mh train --config run.toml
 
 Batch semantics: `batch_size` is the number of examples per optimizer step, whatever the hardware.
 It is split into `gradient_accumulation_steps` micro-steps and each micro-step across the processes

@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from gpt2mh import corpus
+from gpt2mh.demo import corpus
 from gpt2mh.demo.corpus import (
     HEADS,
     Token,

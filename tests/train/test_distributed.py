@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def torchrun(config_path, *args, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gpt2mh.train", str(config_path), "--no-progress", *args]
+           "-m", "gpt2mh", "train", "--config", str(config_path), "--set", "progress=false", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

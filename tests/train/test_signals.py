@@ -3,7 +3,7 @@
 - SIGKILL while a checkpoint is being written (the child parks itself at a chosen point inside
   `gpt2mh.train.checkpoint.save_checkpoint` and the test kills it there): the previous checkpoint loads, and
   `resume=True` continues from it to the end, with the losses of an uninterrupted run.
-- SIGINT / SIGTERM during `python -m gpt2mh.train`: the step finishes, a checkpoint is written, the
+- SIGINT / SIGTERM during `gpt2mh train`: the step finishes, a checkpoint is written, the
   process exits with 130 and says on stderr how to resume (`--resume`), and resuming runs to the end.
 
 The in-process version of exact resume (dropout on, weights compared) is
@@ -166,8 +166,8 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing(tmp_path, reference, h
 
 # ---- SIGINT / SIGTERM: a checkpoint, a clean exit, and how to resume ---------------------------------------
 ENTRY_POINTS = {
-    # Ctrl-C on `python -m gpt2mh.train run.json`; a scheduler's SIGTERM on `gpt2mh train --config run.json`
-    "SIGINT-module": (signal.SIGINT, ["-m", "gpt2mh.train", "{config}", "--no-progress"]),
+    # Ctrl-C (without a progress bar) and a scheduler's SIGTERM on `gpt2mh train --config run.json`
+    "SIGINT-cli": (signal.SIGINT, ["-m", "gpt2mh", "train", "--config", "{config}", "--set", "progress=false"]),
     "SIGTERM-cli": (signal.SIGTERM, ["-m", "gpt2mh", "train", "--config", "{config}"]),
 }
 
@@ -187,7 +187,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, case):
         _, stderr = child.communicate(timeout=120)
     finally:
         child.kill()
-    # both `python -m gpt2mh.train` and `gpt2mh train` exit 130 when a signal stopped the run
+    # `gpt2mh train` exits 130 when a signal stopped the run
     assert child.returncode == 130 and "Traceback" not in stderr, stderr
     stopped = [line for line in stderr.splitlines() if f"stopped by {sig.name}" in line]
     assert len(stopped) == 1 and "--resume" in stopped[0], stderr
