@@ -48,6 +48,13 @@ class KVCache(nn.Module):
         v_out.index_copy_(2, input_pos, v)
         return k_out, v_out
 
+    def attend(self, q, k, v, mask, input_pos):
+        """Attention of q (B, nh, T, hs) over the cache after writing k, v at `input_pos` (T,)."""
+        if mask is None:  # is_causal would align to cache slot 0, not to input_pos
+            raise ValueError("with a KV cache, pass a (B, 1, T, L) bool attention mask")
+        k, v = self.update(input_pos, k, v)  # (B, nh, L, hs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     def gather_rows(self, src: torch.Tensor) -> None:
         # Row s takes the cache of row src[s]: B prefilled prompts fan out to S streams.
         self.k_cache.copy_(self.k_cache.index_select(0, src))
@@ -62,7 +69,7 @@ class Attention(nn.Module):
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)  # its p goes to SDPA's dropout_p (HF's name)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache = None  # KVCache (setup_cache) or the engine's SlotCache: anything with `attend`
 
     def forward(self, x, mask, input_pos=None):
         B, T, C = x.shape
@@ -71,12 +78,13 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
-            if mask is None:  # is_causal would align to cache slot 0, not to input_pos
-                raise ValueError("with a KV cache, pass a (B, 1, T, L) bool attention mask")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, L, hs)
-        dropout = self.attn_dropout.p if self.training else 0.0
-        # mask None: plain causal self-attention (forward() without padding; the trainer always passes a mask)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            # The cache decides how attention over cached keys works: KVCache here, the engine's
+            # shared-prompt SlotCache (gpt2mh.inference.cache), each with its own `input_pos`.
+            y = self.kv_cache.attend(q, k, v, mask, input_pos)  # (B, nh, T, hs)
+        else:
+            dropout = self.attn_dropout.p if self.training else 0.0
+            # mask None: plain causal self-attention (forward() without padding; the trainer always passes a mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -141,6 +149,19 @@ def heads_matmul(h: torch.Tensor, heads) -> torch.Tensor:
     if not isinstance(heads, torch.Tensor):
         return heads.matmul(h)
     return torch.baddbmm(h.new_zeros(()), h, heads, beta=0)
+
+
+def heads_matmul_groups(h: torch.Tensor, heads, sizes: Sequence[int]) -> torch.Tensor:
+    """Head logits of rows in N consecutive groups: (S, C), group n = the next sizes[n] rows, through
+    head n -> (S, V). The data-set engine's layout: each head owns a group of stream slots, sized
+    by how long its streams run, so groups differ in size and one bmm does not apply; each group is
+    one GEMM (addmm with beta=0, for the reason given in heads_matmul). `heads` may be a head kernel
+    with a `matmul_groups` method (int8 mode)."""
+    parts = h.split(list(sizes))
+    if not isinstance(heads, torch.Tensor):
+        return heads.matmul_groups(parts)
+    zero = h.new_zeros(())
+    return torch.cat([torch.addmm(zero, x, heads[n], beta=0) for n, x in enumerate(parts)])
 
 
 class GPT2(nn.Module):

@@ -1,115 +1,171 @@
-"""The public generation entry points: `generate` (ids in, ids out), `generate_text` (strings in and
-out) and `stream` (text as it is produced). Each sets up a call (`request`), runs the decode loop
-(`decode`) and shapes its output."""
+"""The public generation entry points, all on the data-set engine (`gpt2mh.inference.engine`):
+
+    generate(model, input_ids, ...)           ids in, {head: (B * R, new) ids} out
+    generate_text(model, tok, texts, ...)     strings in, {head: [text]} out, in input order
+    generate_rows(model, tok, texts, ...)     any iterable of strings in, (index, {head: text}) out as
+                                              each input finishes: bounded memory for any count
+    stream(model, tok, input_ids, ...)        (head, row, new text) as tokens are produced
+
+Each builds one SamplingConfig per head (`request`), an engine sized for the call, and shapes what
+the engine returns."""
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..inputs import check_vocab, encode_prompts
+from ..inputs import check_vocab, encode_input, encode_prompts, prompt_batch
 from ..model import GPT2
-from .controls import SamplingConfig
-from .decode import DecodeState, decode_loop
-from .request import Streams, hf_aliases, make_generator, prepare, use_compile
+from .engine import Request, Result
+from .request import (
+    call_configs,
+    call_seed,
+    check_room,
+    hf_aliases,
+    make_engine,
+    use_compile,
+)
 
 
-@contextlib.contextmanager
-def decoding(model: GPT2, input_ids, attention_mask, heads, per_head, compile, seed, generator,
-             controls) -> Iterator[tuple[Streams, Iterator[DecodeState]]]:
-    """Set-up and tear-down shared by generate and stream: eval mode, the KV cache, the generator.
+def _requests(prompts: Iterable[list[int]], names, configs, seed: int) -> Iterator[Request]:
+    by_head = dict(zip(names, configs))
+    return (Request(i, ids, by_head, seed, i) for i, ids in enumerate(prompts))
 
-    A compiled call keeps its cache buffers for the next call (CUDA graphs replay on fixed
-    addresses; a new cache would re-record them); `model.clear_cache()` frees them."""
-    controls = hf_aliases(controls, input_ids)
+
+def _prompts(model: GPT2, input_ids, attention_mask) -> list[list[int]]:
+    # Lists, numpy, BatchEncoding, right or left padding -> each row's real ids.
+    ids, mask = prompt_batch(input_ids, attention_mask, model.config.vocab_size)
+    if ids.size(1) == 0:  # an empty prompt starts from <s>, as HF does
+        return [[model.config.bos_token_id] for _ in range(ids.size(0))]
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def _setup(model: GPT2, prompts: list[list[int]], heads, per_head, compile, seed, generator, slots, controls):
     compile = use_compile(compile, model)
-    st, input_ids, attention_mask = prepare(model, input_ids, attention_mask, heads, controls, per_head, compile)
-    gen = make_generator(seed, generator, model.device)
-    was_training = model.training
-    model.eval()
-    try:
-        yield st, decode_loop(model, st, input_ids, attention_mask, compile, gen)
-    finally:
-        if not compile:
-            model.clear_cache()
-        model.train(was_training)
+    names, configs = call_configs(model, heads, controls, per_head)
+    width = max(len(p) for p in prompts)
+    check_room(model, width, configs)
+    engine = make_engine(model, names, configs, len(prompts), width, compile, slots)
+    return names, configs, engine, _requests(prompts, names, configs, call_seed(seed, generator, model.device))
+
+
+def _raise(result: Result) -> None:
+    if result.error:
+        raise ValueError(f"input {result.key}: {result.error}")
 
 
 def generate(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              heads: Sequence[str] | None = None, *, per_head: Mapping | None = None, compile: bool | None = None,
-             seed: int | None = None, generator: torch.Generator | None = None,
+             seed: int | None = None, generator: torch.Generator | None = None, slots: int | None = None,
              **controls) -> dict[str, torch.Tensor]:
-    """Continue each (left-padded) prompt with every selected head; see `gpt2mh.GPT2.generate`."""
-    with decoding(model, input_ids, attention_mask, heads, per_head, compile, seed, generator, controls) as (st, loop):
-        max_new = max(c.max_new_tokens for c in st.configs)
-        tokens = torch.empty(st.S, max_new, dtype=torch.long, device=model.device)
-        n = 0
-        for state in loop:
-            tokens[:, n].copy_(state.tok)  # a copy: the next replay overwrites state.tok
-            n += 1
-    tokens = tokens[:, :n]  # (S, steps)
+    """Continue each prompt with every selected head; see `gpt2mh.MultiHeadGPT2.generate`.
+
+    Returns {head: LongTensor (B * num_return_sequences, new_tokens)}: prompt-major rows (HF's order),
+    each stream's tokens (its EOS included), then pad, as wide as the longest stream."""
+    controls = hf_aliases(controls, input_ids)
+    prompts = _prompts(model, input_ids, attention_mask)
+    names, configs, engine, requests = _setup(model, prompts, heads, per_head, compile, seed, generator, slots,
+                                              controls)
+    results = {}
+    for r in engine.run(requests):
+        _raise(r)
+        results[r.key] = r.tokens
     out = {}
-    for k, name in enumerate(st.head_names):
-        rows = tokens[st.rows(k).to(tokens.device)][:, : st.configs[k].max_new_tokens]
-        out[name] = trim_finished(rows, st.configs[k])
+    for name, cfg in zip(names, configs):
+        rows = [ids for b in range(len(prompts)) for ids in results[b][name]]
+        width = max(len(ids) for ids in rows)
+        out[name] = torch.tensor([ids + [cfg.pad_token_id] * (width - len(ids)) for ids in rows], dtype=torch.long,
+                                 device=model.device).view(len(rows), width)
     return out
-
-
-def trim_finished(rows: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Drop trailing columns where every row is already finished (HF stops once all rows are done)."""
-    eos = torch.tensor(cfg.eos_token_id, device=rows.device)
-    hit = torch.isin(rows, eos).long()
-    finished_before = (hit.cumsum(1) - hit) > 0  # (rows, steps): an EOS came strictly earlier
-    live = (~finished_before).any(0).nonzero()
-    return rows[:, : int(live[-1]) + 1] if len(live) else rows[:, :0]
 
 
 # ---- streaming --------------------------------------------------------------------------------
 def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *, per_head=None,
-           compile: bool | None = None, seed=None, generator=None, **controls) -> Iterator[tuple[str, int, str]]:
-    """Yields (head, row, new_text) as each head's text grows (one host sync per step).
+           compile: bool | None = None, seed=None, generator=None, slots: int | None = None,
+           **controls) -> Iterator[tuple[str, int, str]]:
+    """Yields (head, row, new_text) as each head's text grows; row = b * R + r as in `generate`.
 
     Flush rule: a row's text is re-decoded each step and everything that is stable is emitted —
     every complete character at once, Japanese included (no waiting for a space or a kanji as
     transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits."""
     check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
-    with decoding(model, input_ids, attention_mask, heads, per_head, compile, seed, generator, controls) as (st, loop):
-        rows = [(st.head_names[n], j, s, st.configs[n]) for n in range(st.N) for j, s in enumerate(st.rows(n).tolist())]
-        ids = {(name, j): [] for name, j, _, _ in rows}
-        sent = {key: "" for key in ids}
-        done = set()
-        for state in loop:
-            tok = state.tok.tolist()  # read before the next step (one sync)
-            for name, j, s, cfg in rows:
-                key = (name, j)
-                if key in done or len(ids[key]) >= cfg.max_new_tokens:
-                    continue
-                if tok[s] in cfg.eos_token_id:
-                    done.add(key)
-                else:
-                    ids[key].append(tok[s])
-                text = tokenizer.decode(ids[key])
-                stable = (text if key in done else text.rstrip()).rstrip("\ufffd")
-                if stable.startswith(sent[key]) and len(stable) > len(sent[key]):
-                    yield name, j, stable[len(sent[key]):]
-                    sent[key] = stable
+    controls = hf_aliases(controls, input_ids)
+    prompts = _prompts(model, input_ids, attention_mask)
+    names, configs, engine, requests = _setup(model, prompts, heads, per_head, compile, seed, generator, slots,
+                                              controls)
+    cfg = dict(zip(names, configs))
+    order = {name: n for n, name in enumerate(names)}
+    ids: dict[tuple[str, int], list[int]] = {}
+    sent: dict[tuple[str, int], str] = {}
+    for event in engine.events(requests):
+        if isinstance(event, Result):
+            _raise(event)
+            continue
+        items = sorted(event.items, key=lambda e: (order[e[1]], e[0], e[2]))
+        for b, name, r, tok in items:
+            key = (name, b * cfg[name].num_return_sequences + r)
+            done = tok in cfg[name].eos_token_id
+            if not done:
+                ids.setdefault(key, []).append(tok)
+            text = tokenizer.decode(ids.get(key, []))
+            stable = (text if done else text.rstrip()).rstrip("\ufffd")
+            old = sent.get(key, "")
+            if stable.startswith(old) and len(stable) > len(old):
+                yield name, key[1], stable[len(old):]
+                sent[key] = stable
 
 
 # ---- text in, text out ------------------------------------------------------------------------
-def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None,
-                  **kwargs) -> dict[str, list[str]] | dict[str, list[list[str]]]:
-    """Strings in, per head the decoded strings out (a list per input when num_return_sequences > 1)."""
+def generate_rows(model: GPT2, tokenizer, texts: Iterable[str], heads=None, *, per_head=None,
+                  compile: bool | None = None, seed=None, generator=None, slots: int | None = None,
+                  **controls) -> Iterator[tuple[int, dict | str]]:
+    """Any number of strings in, read only as stream slots free up; yields (index, {head: text}) in
+    completion order — {head: [texts]} with num_return_sequences > 1 — or (index, error message)
+    for an input that cannot be generated (longer than the context), and goes on with the others.
+    Memory is bounded by `slots` (default: DEFAULT_SLOTS for the device), whatever the count."""
+    check_vocab(tokenizer, model)
+    if controls.get("max_length") is not None:
+        raise ValueError("max_length counts the prompt, whose length differs from input to input: "
+                         "give max_new_tokens instead")
+    n = len(texts) if isinstance(texts, Sequence) and not isinstance(texts, str) else None
+    prompts = (encode_input(tokenizer, t) for t in texts)
+    yield from _text_rows(model, tokenizer, prompts, n, 64, heads, per_head, compile, seed, generator, slots,
+                          controls)
+
+
+def _text_rows(model, tokenizer, prompts, n, width, heads, per_head, compile, seed, generator, slots, controls):
+    controls = hf_aliases(controls, [[0] * width])
+    compile = use_compile(compile, model)
+    names, configs = call_configs(model, heads, controls, per_head)
+    engine = make_engine(model, names, configs, n, width, compile, slots)
+    seed = call_seed(seed, generator, model.device)
+    for r in engine.run(_requests(prompts, names, configs, seed)):
+        if r.error:
+            yield r.key, r.error
+            continue
+        out = {}
+        for name, c in zip(names, configs):
+            decoded = [tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)) for ids in r.tokens[name]]
+            out[name] = decoded if c.num_return_sequences > 1 else decoded[0]
+        yield r.key, out
+
+
+def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None, *, per_head=None,
+                  compile: bool | None = None, seed=None, generator=None, slots: int | None = None,
+                  **controls) -> dict[str, list[str]] | dict[str, list[list[str]]]:
+    """Strings in, per head the decoded strings out, in input order (a list per input when
+    num_return_sequences > 1). For a stream of inputs with results as they finish: generate_rows."""
     single = isinstance(texts, str)
     input_ids, mask = encode_prompts(tokenizer, [texts] if single else list(texts), model)
-    out = generate(model, input_ids, mask, heads, **kwargs)
-    result = {}
-    for name, rows in out.items():
-        decoded = [tokenizer.decode(strip_after_eos(r.tolist(), tokenizer)) for r in rows]
-        R = len(decoded) // input_ids.size(0)
-        result[name] = decoded if R == 1 else [decoded[i * R:(i + 1) * R] for i in range(input_ids.size(0))]
-    return result
+    prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+    rows = {}
+    for i, out in _text_rows(model, tokenizer, prompts, len(prompts), input_ids.size(1), heads, per_head, compile,
+                             seed, generator, slots, controls):
+        if isinstance(out, str):
+            raise ValueError(f"input {i}: {out}")
+        rows[i] = out
+    return {name: [rows[i][name] for i in range(len(prompts))] for name in rows[0]}
 
 
-def strip_after_eos(ids: list[int], tokenizer) -> list[int]:
-    return ids[: ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
+def strip_after_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids

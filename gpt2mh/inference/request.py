@@ -1,21 +1,22 @@
-"""A generate call's arguments -> `Streams`: the heads, one SamplingConfig per head (per_head
-overrides, HF aliases such as max_length), the batch and cache buckets, the random generator."""
+"""A generate call's arguments -> what the engine runs: the heads, one SamplingConfig per head
+(per_head overrides, HF aliases such as max_length), the seed, and an `Engine` sized for the call."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
-from torch import Tensor
 
 from .._checks import as_seed, is_int
-from ..inputs import prompt_batch, prompt_width
+from ..inputs import prompt_width
 from ..kernels.linear import stale_packs
 from ..model import GPT2
 from .controls import SamplingConfig
+from .engine import PREFILL_BATCH, Engine
 
-LEN_BUCKET = 64  # cache length is rounded up to this, so new prompt lengths reuse the compiled step
+LEN_BUCKET = 64  # compiled: cache lengths are rounded up to this, so new lengths reuse the compiled step
+MAX_PREFILL = 64  # prompts prefilled in one trunk pass at most
+DEFAULT_SLOTS = {"cpu": 64, "cuda": 256}  # streams decoded at once when the inputs need more
 
 
 def round_up(x: int, m: int) -> int:
@@ -24,51 +25,6 @@ def round_up(x: int, m: int) -> int:
 
 def bucket_batch(b: int) -> int:
     return 1 << (b - 1).bit_length()  # next power of two: 1, 2, 4, 8, ...
-
-
-# ---- requests ---------------------------------------------------------------------------------
-@dataclass
-class Streams:
-    """Everything one generate call decodes with, built on the host before the loop."""
-    head_names: list[str]
-    heads: torch.Tensor            # (N, C, V) the selected heads
-    configs: list[SamplingConfig]  # one per head
-    B: int                         # real prompts
-    Bp: int                        # prompts after bucketing (padding rows finish at once)
-    R: int                         # return sequences per prompt (the max over heads)
-    T: int                         # prompt length (left-padded)
-    L: int                         # cache length
-
-    @property
-    def N(self) -> int:
-        return len(self.head_names)
-
-    @property
-    def S(self) -> int:
-        return self.N * self.Bp * self.R
-
-    def stream_ids(self, n, b, r):
-        """The stream layout, written once: head n, prompt b, return sequence r -> stream id."""
-        return n * self.Bp * self.R + b * self.R + r
-
-    def prompt_of(self) -> torch.Tensor:
-        """(S,) the (bucketed) prompt row each stream continues."""
-        return (torch.arange(self.S) // self.R) % self.Bp
-
-    def rows(self, n: int) -> torch.Tensor:
-        """Stream ids of head n's real outputs, in HF's order (prompt-major, then return sequence)."""
-        R_n = self.configs[n].num_return_sequences
-        b, r = torch.meshgrid(torch.arange(self.B), torch.arange(R_n), indexing="ij")
-        return self.stream_ids(n, b, r).flatten()
-
-    def head_of(self, s: int) -> str:
-        return self.head_names[s // (self.Bp * self.R)]
-
-    def live(self) -> torch.Tensor:
-        """(S,) bool: streams that produce output (not bucket padding, not a surplus return sequence)."""
-        s = torch.arange(self.S)
-        R_of = torch.tensor([c.num_return_sequences for c in self.configs])[s // (self.Bp * self.R)]
-        return (self.prompt_of() < self.B) & (s % self.R < R_of)
 
 
 def head_configs(model: GPT2, names: Sequence[str], controls: dict, per_head: Mapping | None,
@@ -109,20 +65,6 @@ def head_configs(model: GPT2, names: Sequence[str], controls: dict, per_head: Ma
     return out
 
 
-def selected_heads(model: GPT2, idx: list[int]) -> Tensor:
-    """(N', C, V) heads for a subset: kept on the model until the heads change, so a CUDA graph sees
-    the same address each call (a new copy per call would be copied into the graph every step)."""
-    if idx == list(range(len(model.head_names))):
-        return model.heads
-    key = (tuple(idx), model.heads._version, model.heads.data_ptr())
-    cached = model._head_subset
-    if cached is None or cached[0] != key:
-        sel = model.heads.detach()[idx].contiguous()
-        torch._dynamo.mark_static_address(sel)
-        model._head_subset = (key, sel)
-    return model._head_subset[1]
-
-
 def use_compile(compile: bool | None, model: GPT2) -> bool:
     # Default: compile on CUDA (the step becomes one CUDA graph). On CPU compiling costs 10-100 s
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
@@ -135,40 +77,56 @@ def use_compile(compile: bool | None, model: GPT2) -> bool:
     return model.device.type == "cuda" if compile is None else bool(compile)
 
 
-def prepare(model: GPT2, input_ids, attention_mask, heads, controls, per_head, compile: bool):
-    # Lists, numpy, BatchEncoding, right or left padding -> left-padded (B, T) LongTensors.
-    input_ids, attention_mask = prompt_batch(input_ids, attention_mask, model.config.vocab_size)
+def call_configs(model: GPT2, heads, controls: dict, per_head) -> tuple[list[str], list[SamplingConfig]]:
+    """The heads a call generates and one filled, validated SamplingConfig per head."""
     cfg = model.config
-    if input_ids.size(1) == 0:  # an empty prompt starts from <s>, as HF does
-        input_ids = torch.full((input_ids.size(0), 1), cfg.bos_token_id, dtype=torch.long)
-        attention_mask = torch.ones_like(input_ids)
     names = [model.head_names[i] for i in model.head_index(heads)]
     if not names or len(set(names)) < len(names):
         raise ValueError(f"heads={heads!r}: name each head to generate once (or heads=None for all "
                          f"of {list(model.head_names)})")
-    idx = model.head_index(names)
-    # (N, C, V); int8 heads (model.quantize): one object per head subset; fp32 subsets are kept static for CUDA graphs.
-    # no_grad: head_weights gives the int8 form only to inference (else generate decoded fp32 heads)
-    with torch.no_grad():
-        sel = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
     pad_default = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-    configs = head_configs(model, names, controls, per_head, cfg.eos_token_id, pad_default)
-    B, T = input_ids.shape
+    return names, head_configs(model, names, controls, per_head, cfg.eos_token_id, pad_default)
+
+
+def check_room(model: GPT2, prompt_len: int, configs: list[SamplingConfig]) -> None:
     max_new = max(c.max_new_tokens for c in configs)
-    if T + max_new > cfg.n_positions:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new} = {T + max_new} exceeds the "
-                         f"model's context n_positions={cfg.n_positions}; shorten the prompt or max_new_tokens")
-    Bp = bucket_batch(B) if compile else B
-    L = min(round_up(T + max_new, LEN_BUCKET), cfg.n_positions) if compile else T + max_new
-    R = max(c.num_return_sequences for c in configs)
-    st = Streams(names, sel, configs, B, Bp, R, T, L)
-    if Bp > B:  # bucket padding: copies of prompt 0 (their streams are idle from the start)
-        input_ids = torch.cat([input_ids, input_ids[:1].expand(Bp - B, T)])
-        attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(Bp - B, T)])
-    return st, input_ids.to(model.device), attention_mask.to(model.device)
+    n = model.config.n_positions
+    if prompt_len + max_new > n:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new} = {prompt_len + max_new} exceeds the "
+                         f"model's context n_positions={n}; shorten the prompt or max_new_tokens")
 
 
-def make_generator(seed: int | None, generator: torch.Generator | None, device) -> torch.Generator | None:
+def make_engine(model: GPT2, names: list[str], configs: list[SamplingConfig], n_inputs: int | None, prompt_len: int,
+                compile: bool, slots: int | None = None) -> Engine:
+    """An engine for a call: every input's streams at once when they fit in `slots` (default:
+    DEFAULT_SLOTS for the device), else slots split between heads by token budget. n_inputs None:
+    unknown (a stream of inputs). Compiled, the shapes are bucketed so later calls reuse the graph."""
+    cap = slots if slots is not None else DEFAULT_SLOTS.get(model.device.type, 64)
+    if not is_int(cap) or cap < 1:
+        raise ValueError(f"slots={slots!r}: expected a number of stream slots >= 1 (or None for the default)")
+    R = [c.num_return_sequences for c in configs]
+    want = [n_inputs * r for r in R] if n_inputs is not None else None
+    if want is not None and sum(want) <= cap:
+        sizes = {h: bucket_batch(w) if compile else w for h, w in zip(names, want)}
+        rows = n_inputs
+    else:
+        sizes = cap
+        rows = None
+    budgets = {h: c.max_new_tokens for h, c in zip(names, configs)}
+    G = max(budgets.values())
+    Tp = round_up(prompt_len, LEN_BUCKET) if compile else prompt_len
+    G = round_up(G, LEN_BUCKET) if compile else G
+    engine = Engine(model, names, slots=sizes, returns=dict(zip(names, R)), budgets=budgets, prompt_rows=rows,
+                    prompt_len=Tp, gen_len=G, compile=compile,
+                    prefill_batch=min(n_inputs, MAX_PREFILL) if n_inputs else PREFILL_BATCH)
+    return engine
+
+
+def call_seed(seed: int | None, generator: torch.Generator | None, device) -> int:
+    """The 32-bit key of a call's sampling noise, drawn from `generator`, or from a generator seeded
+    with `seed` (so seed=s and generator=torch.Generator().manual_seed(s) sample alike, and a reused
+    generator advances), else from torch's global generator (torch.manual_seed makes a call
+    reproducible, as in transformers)."""
     device = torch.device(device)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -176,10 +134,9 @@ def make_generator(seed: int | None, generator: torch.Generator | None, device) 
         if generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}: sampling noise is "
                              f"drawn on the model's device; pass torch.Generator(device={str(device)!r}) or seed=")
-        return generator
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(as_seed(seed))
+    elif seed is not None:
+        generator = torch.Generator(device=device).manual_seed(as_seed(seed))
+    return int(torch.randint(0, 2**32, (), generator=generator, device=generator.device if generator else "cpu"))
 
 
 def hf_aliases(controls: dict, input_ids) -> dict:

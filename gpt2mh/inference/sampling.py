@@ -32,39 +32,42 @@ def _mask(ids: Tensor, V: int) -> Tensor:
 
 
 def _ngram_bans(history: Tensor, cur_len: Tensor, n: Tensor, nmax: int, V: int) -> Tensor:
-    """NoRepeatNGram: token at position t is banned if the n-1 tokens before t equal the last n-1."""
+    """NoRepeatNGram: token at position t is banned if the n-1 tokens before t equal the last n-1.
+    Padding (-1) matches nothing, so an n-gram never reaches into it."""
     S, L = history.shape
     pos = torch.arange(L, device=history.device)
     m = (n - 1)[:, None]  # prefix length per stream, [S, 1]
-    hit = (pos >= m) & (pos < cur_len) & (n > 0)[:, None]  # [S, L]: complete n-grams ending at t
+    hit = (pos >= m) & (pos < cur_len[:, None]) & (n > 0)[:, None] & (history >= 0)  # [S, L]: n-grams ending at t
     for d in range(1, nmax):  # compare history[t - d] with history[cur_len - d]
-        last = history.gather(1, (cur_len - d).clamp(min=0).expand(S, 1))  # [S, 1]
-        hit = hit & ((m < d) | (history.roll(d, 1) == last))  # roll's wrap-around only hits t < d <= m
+        last = history.gather(1, (cur_len - d).clamp(min=0)[:, None])  # [S, 1]
+        same = (history.roll(d, 1) == last) & (last >= 0)  # roll's wrap-around only hits t < d <= m
+        hit = hit & ((m < d) | same)
     return torch.where(hit, history, V)  # [S, L]
 
 
 def _bad_word_bans(history: Tensor, cur_len: Tensor, c: Controls, V: int) -> Tensor:
     """Multi-token bad words: ban the last token of each word whose prefix ends the history."""
     P = c.bad_words.shape[1] - 1
-    idx = (cur_len - P + torch.arange(P, device=history.device)).clamp(min=0)
-    tail = history.index_select(1, idx)  # [S, P], the last P tokens
+    idx = cur_len[:, None] - P + torch.arange(P, device=history.device)  # [S, P]
+    tail = torch.where(idx >= 0, history.gather(1, idx.clamp(min=0)), -2)  # the last P tokens; -2 before the start
     prefix = c.bad_words[:, :-1]  # [W, P], -1 = no token there
-    match = ((tail[:, None, :] == prefix) | (prefix < 0)).all(-1)  # [S, W]
-    hit = match & c.bad_use & (c.bad_len <= cur_len)  # HF skips words longer than the context
+    match = ((tail[:, None, :] == prefix) | (prefix < 0)).all(-1)  # [S, W]; padding (-1) matches no token
+    hit = match & c.bad_use & (c.bad_len <= cur_len[:, None])  # HF skips words longer than the context
     return torch.where(hit, c.bad_words[:, -1], V)  # [S, W]
 
 
 def processors(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c: Controls, plan: Plan) -> Tensor:
     """The HF processors (repetition_penalty .. min_new_tokens), not the warpers. scores [S, V] f32.
 
-    history [S, L] long: history[:, :cur_len] holds each stream's tokens so far (prompt with its left
-    padding, then generated tokens; all ids in [0, V)), like HF's input_ids; later positions are
-    ignored. cur_len, step: 0-d long tensors (not ints, so new values do not recompile); step =
-    tokens generated so far (for min_new_tokens).
+    history [S, L] long: history[s, :cur_len[s]] holds stream s's tokens so far (its prompt, then its
+    generated tokens), like HF's input_ids of the unpadded row; -1 marks padding, which no processor
+    sees (a padded row gets what it gets alone); later positions are ignored. cur_len, step: [S]
+    (or 0-d) long tensors; step = tokens the stream has generated so far (for min_new_tokens).
     """
     V = scores.shape[1]
+    cur_len = cur_len.expand(scores.shape[0])  # one length for every stream (0-d) or one each
     if plan.repetition_penalty:
-        seen = torch.arange(history.shape[1], device=history.device) < cur_len
+        seen = (torch.arange(history.shape[1], device=history.device) < cur_len[:, None]) & (history >= 0)
         present = _mask(torch.where(seen, history, V), V)
         pen = c.repetition_penalty[:, None]
         scores = torch.where(present, torch.where(scores < 0, scores * pen, scores / pen), scores)
@@ -204,3 +207,50 @@ def _nth_true(counts: Tensor, chunks: Tensor, k: Tensor) -> Tensor:
 def has_nonfinite(scores: Tensor) -> Tensor:
     """[S] bool: True where a row holds a NaN or +inf (unusable; the caller raises outside the graph)."""
     return (scores.isnan() | scores.isposinf()).any(-1)
+
+
+# ---- counter-based noise: each stream's random numbers depend on its own key and step only --------------
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), with no int64 overflow (16-bit halves of c)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def stream_noise(key: Tensor, step: Tensor, width: int) -> Tensor:
+    """(S, width) Exponential(1) noise for `draw`: a hash of (stream key, step, column), so a stream's
+    sample depends on its own key (seed, input, head, return sequence) and step, never on which
+    streams share the batch or in which slot it runs. key, step: (S,) long in [0, 2**32)."""
+    col = torch.arange(width, device=key.device)
+    h = hash32(key ^ hash32((step * _GOLDEN) & _M32))  # (S,)
+    h = hash32((h[:, None] + col * _GOLDEN) & _M32)  # (S, width)
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 bits: exact in fp32
+    return -torch.log(u)
+
+
+def stream_key(seed: int, row: int, head: int, r: int) -> int:
+    """The 32-bit noise key of one stream (host side): seed, input row, head index, return sequence."""
+    h = 0
+    for v in (seed, row, head, r):
+        h = _hash32_int((h ^ (v & _M32)) + ((v >> 32) & _M32) * _GOLDEN)
+    return h
+
+
+def _hash32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)

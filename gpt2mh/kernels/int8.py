@@ -123,6 +123,10 @@ class Int8Heads:
         """(N, M, C) -> (N, M, V): each head at its own streams' rows."""
         return torch.stack([lin.kernel(x) for lin, x in zip(self.linears, h.unbind(0))])
 
+    def matmul_groups(self, parts) -> torch.Tensor:
+        """N row groups (M_n, C) -> (sum M_n, V): group n through head n (model.heads_matmul_groups)."""
+        return torch.cat([lin.kernel(x) for lin, x in zip(self.linears, parts)])
+
     def __deepcopy__(self, memo):
         return None
 

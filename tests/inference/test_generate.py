@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import gpt2mh.inference.decode as dec
+import gpt2mh.inference.engine as eng
 from gpt2mh import MultiHeadGPT2
 
 V, BOS, EOS, PAD, UNK = 1000, 1, 2, 3, 0
@@ -97,7 +98,7 @@ def explain_first_step(monkeypatch, model, ids, mask, **controls):
             seen.append(torch._dynamo.explain(dec.decode_one_token)(*args))
         return dec.decode_one_token(*args)
 
-    monkeypatch.setattr(dec, "compiled_decode_step", lambda device_type: step)
+    monkeypatch.setattr(eng, "compiled_decode_step", lambda device_type: step)
     model.generate(ids, mask, compile=True, **controls)
     assert seen, "generate never called the compiled step"
     return seen[0]
@@ -450,7 +451,7 @@ def test_generate_restores_training_mode(model):
 def test_decode_runs_without_autograd(model, monkeypatch):
     # With grad enabled the compiled step would become a training graph that saves a copy of the
     # KV cache every step (memory grows per token); decoding must run under no_grad.
-    import gpt2mh.inference.decode as g
+    import gpt2mh.inference.engine as g
 
     seen = []
     real = g.decode_one_token

@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-import gpt2mh.inference.generate as gen_mod
+from gpt2mh.inference.engine import Engine, Tokens
 from gpt2mh import GPT2Config, MultiHeadGPT2
 from gpt2mh.inference.generate import generate_text, stream
 from gpt2mh.inputs import encode_prompts
@@ -127,14 +127,15 @@ def test_stream_concatenation_equals_generate_text_sampled(model, tokenizer):
 
 def test_stream_emits_japanese_token_by_token(kana_model, tokenizer, monkeypatch):
     steps = []
-    decode_loop = gen_mod.decode_loop
+    events = Engine.events
 
-    def counting(*args, **kwargs):  # how many decode steps ran before each piece came out
-        for tok in decode_loop(*args, **kwargs):
-            steps.append(tok)
-            yield tok
+    def counting(self, *args, **kwargs):  # how many tokens per stream were made before each piece came out
+        for event in events(self, *args, **kwargs):
+            if isinstance(event, Tokens):
+                steps.append(event)
+            yield event
 
-    monkeypatch.setattr(gen_mod, "decode_loop", counting)
+    monkeypatch.setattr(Engine, "events", counting)
     ids, mask = encode_prompts(tokenizer, ["今日の天気", "犬"], kana_model)
     seen = []
     for head, row, text in stream(kana_model, tokenizer, ids, mask, compile=False, no_repeat_ngram_size=1,

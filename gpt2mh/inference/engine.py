@@ -1,0 +1,408 @@
+"""The data-set engine: any number of inputs through a fixed number of stream slots.
+
+    engine = Engine(model, ["tense", "entities", "pos"], slots=48, budgets={...})
+    for result in engine.run(requests):      # requests: any iterable, read as slots free up
+        ...                                  # results in completion order
+
+Memory is the slot layout's, whatever the number of inputs: S stream slots (grouped by head) and P
+prompt rows (`gpt2mh.inference.cache.SlotCache`). An input is admitted when a prompt row and a slot
+in each of its heads' groups are free: several waiting inputs are prefilled together (one trunk
+pass), each head's first token comes from that pass, and each stream takes a slot. Every step
+decodes all slots at once (`decode.decode_one_token`, compiled with `compile=True`); a stream that
+ends (EOS, its own max_new_tokens) frees its slot at once for the next input, and an input whose
+streams have all ended is returned and frees its prompt row.
+
+Group sizes: a head's streams occupy its group for as many steps as they run, so by default each
+head gets slots in proportion to its token budget x return sequences (`budgets`): a 4-token label
+head needs few slots, a 48-token tag head many, and all groups drain at the same rate.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels.linear import prepack_model
+from ..model import (
+    GPT2,
+    heads_matmul_groups,
+    padded_causal_mask,
+    position_ids_from_mask,
+)
+from .cache import Decode, Prefill, SlotCache
+from .controls import SamplingConfig, build_controls
+from .decode import (
+    SlotFixed,
+    SlotState,
+    broken_streams_error,
+    compiled_decode_step,
+    decode_one_token,
+    next_token,
+)
+from .sampling import stream_key
+
+PREFILL_BATCH = 16  # inputs prefilled together at most (one trunk pass)
+
+
+@dataclass
+class Request:
+    """One input: its prompt ids and, per head it wants, a filled and validated SamplingConfig."""
+    key: Hashable                          # returned with its Result (an input index, a request id)
+    ids: Sequence[int]                     # the prompt, non-empty
+    configs: Mapping[str, SamplingConfig]  # head -> config (eos_token_id / pad_token_id set)
+    seed: int = 0                          # with `row`, the input's sampling noise (never its slot)
+    row: int = 0
+
+
+@dataclass
+class Result:
+    key: Hashable
+    tokens: dict[str, list[list[int]]] = field(default_factory=dict)  # head -> one id list per return sequence
+    error: str | None = None               # the input was refused (the run goes on)
+
+
+@dataclass
+class Tokens:
+    """The tokens of one step (or of a prefill: each new stream's first): (key, head, r, token) each."""
+    items: list[tuple[Hashable, str, int, int]]
+
+
+@dataclass
+class _Input:
+    request: Request
+    prompt_row: int
+    tokens: dict[str, list[list[int] | None]]
+    live: int  # streams not yet ended
+
+
+class Engine:
+    """Stream slots and prompt rows for `heads` of `model`; `run` decodes any number of requests."""
+
+    def __init__(self, model: GPT2, heads: Sequence[str], *, slots: int | Mapping[str, int] = 64,
+                 returns: Mapping[str, int] | None = None, budgets: Mapping[str, int] | None = None,
+                 prompt_rows: int | None = None, prompt_len: int = 64, gen_len: int = 64, compile: bool = False,
+                 prefill_batch: int = PREFILL_BATCH):
+        self.model, self.names = model, list(heads)
+        self.returns = [int((returns or {}).get(h, 1)) for h in self.names]
+        self.sizes = tuple(group_sizes(self.names, slots, self.returns, budgets))
+        self.S = sum(self.sizes)
+        self.K = sum(self.returns)  # members per prompt row: every stream an input can have
+        self.P = prompt_rows or self.S
+        self.Tp, self.G = prompt_len, gen_len
+        self.compile, self.prefill_batch = compile, prefill_batch
+        self.first_slot = [sum(self.sizes[:n]) for n in range(len(self.names))]
+        self.member0 = [sum(self.returns[:n]) for n in range(len(self.names))]
+        idx = model.head_index(self.names)
+        with torch.no_grad():
+            self.heads = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Decode every request; yields a Result as each input's streams have all ended. Requests are
+        read from the iterable only as slots free up."""
+        return (e for e in self.events(requests, tokens=False) if isinstance(e, Result))
+
+    @torch.no_grad()  # also holds across the generator's yields
+    def events(self, requests: Iterable[Request], tokens: bool = True) -> Iterator[Result | Tokens]:
+        """`run`, with a `Tokens` event after each prefill and step too (tokens=True): for streaming."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        self._setup()
+        try:
+            yield from self._loop(iter(requests), tokens)
+        finally:
+            if not self.compile:  # `model.clear_cache()` frees a compiled call's
+                model.clear_cache()
+            model.train(was_training)
+
+    def _setup(self) -> None:
+        m, dev = self.model, self.model.device
+        c = m.config
+        for block in m.transformer.h:  # a compiled call's caches are kept for the next (CUDA graphs: fixed addresses)
+            cache = block.attn.kv_cache
+            if not (isinstance(cache, SlotCache) and cache.fits(self.S, self.P, self.Tp, self.G, m.dtype, dev)):
+                block.attn.kv_cache = SlotCache(self.S, self.P, c.n_head, self.Tp, self.G, c.head_dim, m.dtype, dev)
+        prepack_model(m, self.S)  # the step's S-row GEMMs (gpt2mh.kernels.linear)
+        S = self.S
+        self.state = SlotState(tok=torch.zeros(S, dtype=torch.long, device=dev),
+                               n_gen=torch.ones(S, dtype=torch.long, device=dev),
+                               unfinished=torch.zeros(S, dtype=torch.bool, device=dev),
+                               history=torch.full((S, self.Tp + self.G), -1, dtype=torch.long, device=dev),
+                               bad=torch.zeros(S, dtype=torch.long, device=dev))
+        self.pos0 = torch.zeros(S, dtype=torch.long, device=dev)
+        self.key = torch.zeros(S, dtype=torch.long, device=dev)
+        self.prompt_valid = torch.zeros(self.P, self.Tp, dtype=torch.bool, device=dev)
+        self.grid = [S] * (self.P * self.K)  # host copies of the layout, uploaded when it changes
+        self.cell = [0] * S
+        self.slot_stream: list[tuple[_Input, int, int] | None] = [None] * S  # (input, head n, r)
+        self.slot_cfg: list[SamplingConfig | None] = [None] * S
+        self.free_slots = [deque(range(a, a + n)) for a, n in zip(self.first_slot, self.sizes)]
+        self.free_rows = deque(range(self.P))
+        self.configs: list[SamplingConfig] = []  # every config seen: the plan covers them all
+        self.was_live = [False] * S
+        self.step_fn = compiled_decode_step(model_device_type(self.model)) if self.compile else decode_one_token
+
+    def _loop(self, requests, tokens: bool) -> Iterator[Result | Tokens]:
+        waiting: deque[Request] = deque()
+        exhausted = False
+        live = 0  # slots holding an unfinished stream
+        while True:
+            while not exhausted and len(waiting) < self.prefill_batch:
+                nxt = next(requests, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    waiting.append(nxt)
+            admitted, done, first = self._admit(waiting)
+            if tokens and first:
+                yield Tokens(first)
+            yield from done
+            live += admitted
+            if not live:
+                if exhausted and not waiting:
+                    return
+                if not admitted and waiting and not done:
+                    raise RuntimeError("the engine cannot admit an input although every slot is free")
+                continue
+            self.state = self.step_fn(self.model, self._fixed(), self.state, self.controls, self.plan)
+            tok, unfinished, bad = self.state.tok.tolist(), self.state.unfinished.tolist(), self.state.bad.tolist()
+            if any(bad):
+                raise broken_streams_error(bad, lambda s: self.names[self._head_of(s)])
+            if tokens:
+                yield Tokens([(st[0].request.key, self.names[st[1]], st[2], tok[s])
+                              for s, st in enumerate(self.slot_stream) if st is not None and self.was_live[s]])
+            ended = [s for s, st in enumerate(self.slot_stream) if st is not None and not unfinished[s]]
+            self.was_live = unfinished
+            if ended:
+                live -= len(ended)
+                yield from self._retire(ended)
+
+    # ---- admission ------------------------------------------------------------------------------
+    def _fits(self, req: Request, taken: list[int], rows: int) -> bool:
+        if rows >= len(self.free_rows):
+            return False
+        return all(len(self.free_slots[n]) - taken[n] >= self._r(req, n) for n in self._heads_of(req))
+
+    def _admit(self, waiting: deque) -> tuple[int, list[Result], list]:
+        """Prefill the waiting inputs that fit now (in order); returns (streams now live, results of
+        inputs refused or ended at their first token, the first tokens as Tokens items)."""
+        batch, taken, done = [], [0] * len(self.names), []
+        while waiting and len(batch) < self.prefill_batch:
+            error = self._check(waiting[0])
+            if error:
+                done.append(Result(waiting.popleft().key, error=error))
+                continue
+            if not self._fits(waiting[0], taken, len(batch)):
+                break
+            req = waiting.popleft()
+            for n in self._heads_of(req):
+                taken[n] += self._r(req, n)
+            batch.append(req)
+        if not batch:
+            return 0, done, []
+        self._grow(max(len(r.ids) for r in batch), max(c.max_new_tokens for r in batch for c in r.configs.values()))
+        live, ended, first = self._prefill(batch)
+        return live, done + ended, first
+
+    def _check(self, req: Request) -> str | None:
+        unknown = [h for h in req.configs if h not in self.names]
+        if unknown:
+            return f"head(s) {unknown} are not served here (heads: {self.names})"
+        if not req.configs:
+            return "no head requested"
+        if len(req.ids) == 0:
+            return "empty prompt"
+        longest = max(c.max_new_tokens for c in req.configs.values())
+        n_pos = self.model.config.n_positions
+        if len(req.ids) + longest > n_pos:
+            return (f"prompt length {len(req.ids)} + max_new_tokens {longest} = {len(req.ids) + longest} exceeds "
+                    f"the model's context n_positions={n_pos}")
+        for h, c in req.configs.items():
+            if c.num_return_sequences > self.returns[self.names.index(h)]:
+                return f"head {h!r}: num_return_sequences={c.num_return_sequences} > {self.returns[self.names.index(h)]}"
+        return None
+
+    def _prefill(self, batch: list[Request]) -> tuple[int, list[Result], list]:
+        """One trunk pass over the batch's prompts into free prompt rows; every stream's first token."""
+        m, dev = self.model, self.model.device
+        T = max(len(r.ids) for r in batch)
+        ids = torch.tensor([[0] * (T - len(r.ids)) + list(r.ids) for r in batch], dtype=torch.long, device=dev)
+        mask = torch.tensor([[0] * (T - len(r.ids)) + [1] * len(r.ids) for r in batch], dtype=torch.long, device=dev)
+        inputs = [_Input(r, self.free_rows.popleft(), {h: [None] * c.num_return_sequences for h, c in r.configs.items()},
+                         0) for r in batch]
+        rows = torch.tensor([x.prompt_row for x in inputs], device=dev)
+        last = m.hidden(ids, position_ids_from_mask(mask), padded_causal_mask(mask), Prefill(rows))[:, -1]  # (B, C)
+        self.prompt_valid[rows] = F.pad(mask.bool(), (0, self.Tp - T))
+        # the new streams, grouped by head (the layout heads_matmul_groups takes)
+        streams = [(b, n, r) for n in range(len(self.names)) for b, x in enumerate(inputs)
+                   if self.names[n] in x.request.configs for r in range(self._r(x.request, n))]
+        sizes = [sum(1 for s in streams if s[1] == n) for n in range(len(self.names))]
+        heads_used = [n for n in range(len(self.names)) if sizes[n]]
+        h = last[torch.tensor([b for b, _, _ in streams], device=dev)]
+        logits = heads_matmul_groups(h, self._heads_subset(heads_used), [sizes[n] for n in heads_used]).float()
+        cfgs = [inputs[b].request.configs[self.names[n]] for b, n, _ in streams]
+        controls, plan = self._controls(cfgs)
+        history = torch.full((len(streams), self.Tp + self.G), -1, dtype=torch.long, device=dev)
+        for i, (b, _, _) in enumerate(streams):
+            p = inputs[b].request.ids
+            history[i, self.Tp - len(p):self.Tp] = torch.tensor(p, device=dev)
+        key = torch.tensor([self._key(inputs[b].request, n, r) for b, n, r in streams], dtype=torch.long, device=dev)
+        M = len(streams)
+        first = next_token(logits, SlotState(torch.zeros(M, dtype=torch.long, device=dev),
+                                             torch.zeros(M, dtype=torch.long, device=dev),
+                                             torch.ones(M, dtype=torch.bool, device=dev), history,
+                                             torch.zeros(M, dtype=torch.long, device=dev)),
+                           key, self.Tp, controls, plan)
+        if any(first.bad.tolist()):
+            raise broken_streams_error(first.bad.tolist(), lambda i: self.names[streams[i][1]])
+        tok, unfinished = first.tok.tolist(), first.unfinished.tolist()
+        place, ended = [], []
+        for i, (b, n, r) in enumerate(streams):
+            x = inputs[b]
+            if unfinished[i]:
+                s = self.free_slots[n].popleft()
+                place.append((i, s))
+                x.live += 1
+                self.slot_stream[s] = (x, n, r)
+                self.slot_cfg[s] = cfgs[i]
+                cell = x.prompt_row * self.K + self.member0[n] + r
+                self.grid[cell], self.cell[s] = s, cell
+            else:
+                x.tokens[self.names[n]][r] = [tok[i]]
+        if place:
+            src = torch.tensor([i for i, _ in place], device=dev)
+            dst = torch.tensor([s for _, s in place], device=dev)
+            st = self.state
+            self.state = SlotState(st.tok.index_copy(0, dst, first.tok[src]), st.n_gen.index_copy(0, dst, first.n_gen[src]),
+                                   st.unfinished.index_copy(0, dst, first.unfinished[src]),
+                                   st.history.index_copy(0, dst, first.history[src]), st.bad)
+            self.pos0[dst] = torch.tensor([len(inputs[streams[i][0]].request.ids) for i, _ in place], device=dev)
+            self.key[dst] = key[src]
+            self.was_live = self.state.unfinished.tolist()
+            self._layout_changed()
+        first_tokens = [(inputs[b].request.key, self.names[n], r, tok[i]) for i, (b, n, r) in enumerate(streams)]
+        for x in inputs:
+            if not x.live:
+                ended.append(self._finish(x))
+        return len(place), ended, first_tokens
+
+    # ---- retirement -----------------------------------------------------------------------------
+    def _retire(self, slots: list[int]) -> Iterator[Result]:
+        n_gen = self.state.n_gen.tolist()
+        rows = self.state.history[torch.tensor(slots, device=self.state.history.device), self.Tp:].tolist()
+        for s, row in zip(slots, rows):
+            x, n, r = self.slot_stream[s]
+            x.tokens[self.names[n]][r] = row[: n_gen[s]]
+            self.slot_stream[s], self.slot_cfg[s] = None, None
+            self.grid[self.cell[s]] = self.S
+            self.free_slots[n].append(s)
+            x.live -= 1
+            if not x.live:
+                yield self._finish(x)
+        self._layout_changed()
+
+    def _finish(self, x: _Input) -> Result:
+        self.free_rows.append(x.prompt_row)
+        self.prompt_valid[x.prompt_row] = False
+        return Result(x.request.key, {h: list(rows) for h, rows in x.tokens.items()})
+
+    # ---- per-slot tensors -------------------------------------------------------------------------
+    def _layout_changed(self) -> None:
+        dev = self.model.device
+        cfgs = [c if c is not None else self._idle_config() for c in self.slot_cfg]
+        self.controls, self.plan = self._controls(cfgs)
+        self.where = Decode(gen_pos=self.state.n_gen, grid=torch.tensor(self.grid, device=dev),
+                            cell=torch.tensor(self.cell, device=dev), prompt_valid=self.prompt_valid)
+
+    def _fixed(self) -> SlotFixed:
+        return SlotFixed(self.heads, self.sizes, self.Tp, self.pos0, self.key, self.where)
+
+    def _controls(self, cfgs: list[SamplingConfig]):
+        for c in cfgs:
+            if c not in self.configs:
+                self.configs.append(c)
+        which = [self.configs.index(c) for c in cfgs]
+        return build_controls(self.configs, which, self.model.config.vocab_size, self.model.device)
+
+    def _idle_config(self) -> SamplingConfig:
+        return self.configs[0]
+
+    def _grow(self, prompt_len: int, max_new: int) -> None:
+        """Longer prompts or budgets than the cache holds: reallocate it larger (keeping its contents)."""
+        Tp, G = max(self.Tp, prompt_len), max(self.G, max_new)
+        if (Tp, G) == (self.Tp, self.G):
+            return
+        for block in self.model.transformer.h:
+            old = block.attn.kv_cache
+            c = self.model.config
+            new = SlotCache(self.S, self.P, c.n_head, Tp, G, c.head_dim, self.model.dtype, self.model.device)
+            new.k_prompt[:, :, :self.Tp] = old.k_prompt
+            new.v_prompt[:, :, :self.Tp] = old.v_prompt
+            new.k_gen[:, :, :self.G] = old.k_gen
+            new.v_gen[:, :, :self.G] = old.v_gen
+            block.attn.kv_cache = new
+        st = self.state
+        history = torch.cat([torch.full((self.S, Tp - self.Tp), -1, dtype=torch.long, device=st.history.device),
+                             st.history, torch.full((self.S, G - self.G), -1, dtype=torch.long,
+                                                    device=st.history.device)], 1)
+        self.state = st._replace(history=history)
+        self.prompt_valid = F.pad(self.prompt_valid, (0, Tp - self.Tp))
+        self.Tp, self.G = Tp, G
+
+    def _heads_of(self, req: Request) -> list[int]:
+        return [self.names.index(h) for h in req.configs]
+
+    def _r(self, req: Request, n: int) -> int:
+        return req.configs[self.names[n]].num_return_sequences
+
+    def _head_of(self, s: int) -> int:
+        return max(n for n, a in enumerate(self.first_slot) if a <= s)
+
+    def _key(self, req: Request, n: int, r: int) -> int:
+        return stream_key(req.seed, req.row, self.model.head_names.index(self.names[n]), r)
+
+    def _heads_subset(self, used: list[int]):
+        if used == list(range(len(self.names))):
+            return self.heads
+        if isinstance(self.heads, torch.Tensor):
+            return self.heads[used]
+        return self.heads.select(used)
+
+
+def selected_heads(model: GPT2, idx: list[int]) -> Tensor:
+    """(N', C, V) heads for a subset: kept on the model until the heads change, so a CUDA graph sees
+    the same address each call (a new copy per call would be copied into the graph every step)."""
+    if idx == list(range(len(model.head_names))):
+        return model.heads
+    key = (tuple(idx), model.heads._version, model.heads.data_ptr())
+    cached = model._head_subset
+    if cached is None or cached[0] != key:
+        sel = model.heads.detach()[idx].contiguous()
+        torch._dynamo.mark_static_address(sel)
+        model._head_subset = (key, sel)
+    return model._head_subset[1]
+
+
+def model_device_type(model: GPT2) -> str:
+    return model.device.type
+
+
+def group_sizes(names: Sequence[str], slots: int | Mapping[str, int], returns: Sequence[int],
+                budgets: Mapping[str, int] | None) -> list[int]:
+    """Slots per head group: given per head, or a total split in proportion to each head's token
+    budget x return sequences (each group holds at least one input's streams)."""
+    if isinstance(slots, Mapping):
+        sizes = [int(slots[h]) for h in names]
+    else:
+        weight = [max(1, int((budgets or {}).get(h, 1))) * r for h, r in zip(names, returns)]
+        total = max(int(slots), sum(returns))
+        sizes = [max(r, round(total * w / sum(weight))) for w, r in zip(weight, returns)]
+    for h, n, r in zip(names, sizes, returns):
+        if n < r:
+            raise ValueError(f"head {h!r}: {n} slot(s) cannot hold {r} return sequences of one input")
+    return sizes
