@@ -73,7 +73,7 @@ def gemm_round(convs, xs, h, heads):
 
 @torch.no_grad()  # as generate: the dispatch uses packs (and int8 heads) only without autograd
 def scenario(model, mode: str, n: int, b: int, repeats: int) -> dict:
-    from gpt2mh.inference.request import selected_heads
+    from gpt2mh.inference.engine import selected_heads
     from gpt2mh.kernels.linear import prepack_model
 
     S, C = n * b, model.config.n_embd

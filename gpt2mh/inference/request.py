@@ -108,7 +108,7 @@ def make_engine(model: GPT2, names: list[str], configs: list[SamplingConfig], n_
     want = [n_inputs * r for r in R] if n_inputs is not None else None
     if want is not None and sum(want) <= cap:
         sizes = {h: bucket_batch(w) if compile else w for h, w in zip(names, want)}
-        rows = n_inputs
+        rows = bucket_batch(n_inputs) if compile else n_inputs
     else:
         sizes = cap
         rows = None

@@ -88,8 +88,8 @@ def test_int8_generate_and_score_select_heads(model):
 def test_int8_generate_decodes_with_the_int8_heads(model, monkeypatch):
     # generate used to pick the heads with gradients on, so head_weights gave it the fp32 heads
     calls = []
-    matmul = Int8Heads.matmul
-    monkeypatch.setattr(Int8Heads, "matmul", lambda self, h: calls.append(h.shape) or matmul(self, h))
+    matmul = Int8Heads.matmul_groups
+    monkeypatch.setattr(Int8Heads, "matmul_groups", lambda self, parts: calls.append(len(parts)) or matmul(self, parts))
     model.quantize("int8")
     model.generate(torch.randint(3, 500, (2, 8)), compile=False, max_new_tokens=3, min_new_tokens=3)
     assert len(calls) == 3  # the first token (from the prefill) and 2 decode steps
