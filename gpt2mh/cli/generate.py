@@ -17,6 +17,16 @@ from .args import (
 )
 
 
+def slots_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: need at least 1 stream slot")
+    return value
+
+
 def read_inputs(args) -> list[str]:
     if args.text and args.file:
         raise UsageError(f"got TEXT arguments and --file {args.file}: give the inputs one way (the other would be "
@@ -43,8 +53,9 @@ def read_inputs(args) -> list[str]:
 
 def cmd_generate(args) -> None:
     from ..inference.controls import SamplingConfig
-    from ..inference.generate import generate_text, stream
+    from ..inference.generate import generate_rows, stream
     from ..inputs import encode_prompts
+    from .datajob import run_file_job
 
     model, tok = load_model_and_tokenizer(args.model, args.device, args.revision)
     heads = head_list(args.heads)
@@ -59,19 +70,37 @@ def cmd_generate(args) -> None:
                              f"{controls['max_new_tokens']} disagree: give one of them")
         controls["max_new_tokens"] = args.max_new_tokens
     kwargs = dict(per_head=parse_head_controls(args.head, names), compile=args.compile, seed=args.seed, **controls)
+    if args.output:
+        if args.stream or args.json or args.text:
+            raise UsageError("--output writes JSON lines of --file (or stdin) to a file: leave out "
+                             + ", ".join(f for f, on in (("--stream", args.stream), ("--json", args.json),
+                                                         ("TEXT arguments", args.text)) if on))
+        run_file_job(args, model, tok, heads, kwargs)
+        return
+    if args.resume or args.overwrite:
+        raise UsageError(f"{'--resume' if args.resume else '--overwrite'} goes with --output OUT.jsonl")
     texts = read_inputs(args)
     if args.stream:
         print_stream(stream(model, tok, *encode_prompts(tok, texts, model), heads, **kwargs), texts, names)
         return
-    out = generate_text(model, tok, texts, heads, **kwargs)
-    for i, text in enumerate(texts):
-        row = {"input": text, **{h: out[h][i] for h in names}}
-        if args.json:
-            print(json.dumps(row, ensure_ascii=False))
-        else:
-            print(text)
-            for h in names:
-                print(f"  {h:>{max(map(len, names))}}: {row[h]}")
+    encode_prompts(tok, texts, model)  # an input too long for the context is refused before any work
+    ready, nxt = {}, 0
+    for i, out in generate_rows(model, tok, texts, heads, slots=args.slots, **kwargs):  # printed in input order
+        if isinstance(out, str):
+            raise ValueError(f"input {i}: {out}")
+        ready[i] = out
+        while nxt in ready:
+            print_row(texts[nxt], ready.pop(nxt), names, args.json)
+            nxt += 1
+
+
+def print_row(text: str, out: dict, names: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"input": text, **{h: out[h] for h in names}}, ensure_ascii=False), flush=True)
+        return
+    print(text)
+    for h in names:
+        print(f"  {h:>{max(map(len, names))}}: {out[h]}", flush=True)
 
 
 def print_stream(pieces, texts: list[str], names: list[str]) -> None:
@@ -117,5 +146,13 @@ def add_parsers(add) -> None:
     s.add_argument("--stream", action="store_true", help="print text as it is produced")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the decode step (pays off for long or repeated runs)")
+    s.add_argument("--output", metavar="OUT.jsonl",
+                   help="write each row of --file (or stdin) to OUT as soon as it is done, with its line number; "
+                        "bad rows get an error and the run goes on (exit code 3)")
+    s.add_argument("--resume", action="store_true", help="with --output: continue a stopped run, skipping rows in OUT")
+    s.add_argument("--overwrite", action="store_true", help="with --output: start over when OUT exists")
+    s.add_argument("--slots", type=slots_arg, default=None,
+                   help="streams decoded at once, all heads together (default: 64 on CPU, 256 on CUDA); "
+                        "memory grows with it, not with the number of inputs")
     s.add_argument("--device")
     s.set_defaults(func=cmd_generate)

@@ -63,6 +63,7 @@ class Result:
     key: Hashable
     tokens: dict[str, list[list[int]]] = field(default_factory=dict)  # head -> one id list per return sequence
     error: str | None = None               # the input was refused (the run goes on)
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -309,7 +310,7 @@ class Engine:
     def _finish(self, x: _Input) -> Result:
         self.free_rows.append(x.prompt_row)
         self.prompt_valid[x.prompt_row] = False
-        return Result(x.request.key, {h: list(rows) for h, rows in x.tokens.items()})
+        return Result(x.request.key, {h: list(rows) for h, rows in x.tokens.items()}, None, len(x.request.ids))
 
     # ---- per-slot tensors -------------------------------------------------------------------------
     def _layout_changed(self) -> None:

@@ -27,9 +27,12 @@ from .request import (
 )
 
 
-def _requests(prompts: Iterable[list[int]], names, configs, seed: int) -> Iterator[Request]:
+def _requests(prompts: Iterable[list[int] | tuple[int, list[int]]], names, configs, seed: int) -> Iterator[Request]:
+    """Prompts, or (key, prompt) pairs: the key names the input in results and in its sampling noise."""
     by_head = dict(zip(names, configs))
-    return (Request(i, ids, by_head, seed, i) for i, ids in enumerate(prompts))
+    for i, item in enumerate(prompts):
+        key, ids = item if isinstance(item, tuple) else (i, item)
+        yield Request(key, ids, by_head, seed, key)
 
 
 def _prompts(model: GPT2, input_ids, attention_mask) -> list[list[int]]:
@@ -118,19 +121,22 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
 # ---- text in, text out ------------------------------------------------------------------------
 def generate_rows(model: GPT2, tokenizer, texts: Iterable[str], heads=None, *, per_head=None,
                   compile: bool | None = None, seed=None, generator=None, slots: int | None = None,
-                  **controls) -> Iterator[tuple[int, dict | str]]:
-    """Any number of strings in, read only as stream slots free up; yields (index, {head: text}) in
-    completion order — {head: [texts]} with num_return_sequences > 1 — or (index, error message)
+                  usage: bool = False, **controls) -> Iterator[tuple]:
+    """Any number of strings in, read only as stream slots free up (or (key, string) pairs: the key,
+    an int, is returned instead of the position and seeds the row's sampling, so a row samples the
+    same wherever it is in the input); yields (index, {head: text}) in completion order — {head: [texts]} with num_return_sequences > 1 — or (index, error message)
     for an input that cannot be generated (longer than the context), and goes on with the others.
+    usage=True: (index, outputs, {"prompt_tokens": n, head: new tokens}) triples.
     Memory is bounded by `slots` (default: DEFAULT_SLOTS for the device), whatever the count."""
     check_vocab(tokenizer, model)
     if controls.get("max_length") is not None:
         raise ValueError("max_length counts the prompt, whose length differs from input to input: "
                          "give max_new_tokens instead")
     n = len(texts) if isinstance(texts, Sequence) and not isinstance(texts, str) else None
-    prompts = (encode_input(tokenizer, t) for t in texts)
-    yield from _text_rows(model, tokenizer, prompts, n, 64, heads, per_head, compile, seed, generator, slots,
-                          controls)
+    prompts = ((t[0], encode_input(tokenizer, t[1])) if isinstance(t, tuple) else encode_input(tokenizer, t)
+               for t in texts)
+    rows = _text_rows(model, tokenizer, prompts, n, 64, heads, per_head, compile, seed, generator, slots, controls)
+    yield from rows if usage else ((i, out) for i, out, _ in rows)
 
 
 def _text_rows(model, tokenizer, prompts, n, width, heads, per_head, compile, seed, generator, slots, controls):
@@ -141,13 +147,14 @@ def _text_rows(model, tokenizer, prompts, n, width, heads, per_head, compile, se
     seed = call_seed(seed, generator, model.device)
     for r in engine.run(_requests(prompts, names, configs, seed)):
         if r.error:
-            yield r.key, r.error
+            yield r.key, r.error, {}
             continue
-        out = {}
+        out, used = {}, {"prompt_tokens": r.prompt_tokens}
         for name, c in zip(names, configs):
             decoded = [tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)) for ids in r.tokens[name]]
             out[name] = decoded if c.num_return_sequences > 1 else decoded[0]
-        yield r.key, out
+            used[name] = sum(len(ids) for ids in r.tokens[name])
+        yield r.key, out, used
 
 
 def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None, *, per_head=None,
@@ -159,8 +166,8 @@ def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None
     input_ids, mask = encode_prompts(tokenizer, [texts] if single else list(texts), model)
     prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
     rows = {}
-    for i, out in _text_rows(model, tokenizer, prompts, len(prompts), input_ids.size(1), heads, per_head, compile,
-                             seed, generator, slots, controls):
+    for i, out, _ in _text_rows(model, tokenizer, prompts, len(prompts), input_ids.size(1), heads, per_head,
+                                compile, seed, generator, slots, controls):
         if isinstance(out, str):
             raise ValueError(f"input {i}: {out}")
         rows[i] = out

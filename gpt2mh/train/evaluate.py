@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..inference.generate import generate_text
-from ..inputs import check_vocab
+from ..inference.generate import generate_rows
+from ..inputs import check_vocab, encode_input
 from ..model import GPT2 as MultiHeadGPT2
 from .checkpoint import CONFIG_JSON
 from .config import DEFAULT_MAX_NEW_TOKENS, TrainConfig
@@ -48,29 +48,33 @@ def eval_loss(model: MultiHeadGPT2, packed: Sequence[PackedExample], pad_id: int
 def generate_predictions(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads=None,
                          max_new_tokens: int | Mapping[str, int] = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
                          progress: bool = False) -> dict[str, list[str]]:
-    """Greedy output of each head for each example's input (all heads in one generate call).
-    max_new_tokens: one budget for every head, or {head: budget} (a head not named: DEFAULT_MAX_NEW_TOKENS).
+    """Greedy output of each head for each example's input, through the data-set engine (all heads
+    at once, at most `batch_size` inputs in flight, each stream's slot reused as soon as it ends).
+    max_new_tokens: one budget for every head, or {head: budget} (a head not named: DEFAULT_MAX_NEW_TOKENS),
+    cut to the room the longest input leaves in the context.
     progress: log "generated k/n examples" lines (at most every PROGRESS_SECONDS, and the last)."""
     names = [model.head_names[i] for i in model.head_index(heads)]
     limits = head_limits(max_new_tokens, names)
-    out = {h: [] for h in names}
-    last_log = time.monotonic()
-    for i in range(0, len(examples), batch_size):
-        done = min(i + batch_size, len(examples))
-        if progress and (time.monotonic() - last_log >= PROGRESS_SECONDS or i == 0):
-            logger.info("evaluation: generating examples %d-%d of %d", i + 1, done, len(examples))
-            last_log = time.monotonic()
-        texts = [ex.input for ex in examples[i: i + batch_size]]
-        longest = max(len(tokenizer.encode(t)) for t in texts)
-        room = model.config.n_positions - longest
-        if room < 1:
-            raise ValueError(f"an input of {longest} tokens leaves no room to generate "
-                             f"(n_positions={model.config.n_positions})")
-        per_head = {h: {"max_new_tokens": min(limits[h], room)} for h in names}
-        got = generate_text(model, tokenizer, texts, names, per_head=per_head, compile=False,
-                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    texts = [ex.input for ex in examples]
+    longest = max(len(encode_input(tokenizer, t)) for t in texts)
+    room = model.config.n_positions - longest
+    if room < 1:
+        raise ValueError(f"an input of {longest} tokens leaves no room to generate "
+                         f"(n_positions={model.config.n_positions})")
+    per_head = {h: {"max_new_tokens": min(limits[h], room)} for h in names}
+    out = {h: [None] * len(texts) for h in names}
+    last_log, done = time.monotonic(), 0
+    for i, got in generate_rows(model, tokenizer, texts, names, per_head=per_head, compile=False,
+                                slots=batch_size * len(names), eos_token_id=tokenizer.eos_id,
+                                pad_token_id=tokenizer.pad_id):
+        if isinstance(got, str):
+            raise ValueError(f"example {i}: {got}")
         for h in names:
-            out[h] += got[h]
+            out[h][i] = got[h]
+        done += 1
+        if progress and (time.monotonic() - last_log >= PROGRESS_SECONDS or done == len(texts)):
+            logger.info("evaluation: generated %d of %d examples", done, len(texts))
+            last_log = time.monotonic()
     return out
 
 
