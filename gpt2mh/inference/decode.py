@@ -19,7 +19,7 @@ from ..kernels.linear import prepack_model
 from ..model import GPT2, attention_mask_4d, heads_matmul, position_ids_from_mask
 from .controls import build_controls
 from .request import Streams
-from .sampling import draw, has_nonfinite, noise_width, processors
+from .sampling import draw, has_nonfinite, noise_width, padding_as_no_token, processors
 
 CHECK_EVERY = 8  # decode steps between host checks of "all streams finished" (one sync each)
 
@@ -119,7 +119,7 @@ def initial_state(model: GPT2, st: Streams, input_ids, attention_mask) -> tuple[
     src = st.prompt_of().to(dev)
     prompt_mask = attention_mask[src]  # (S, T)
     history = torch.zeros(S, L, dtype=torch.long, device=dev)
-    history[:, :T] = input_ids[src]
+    history[:, :T] = padding_as_no_token(input_ids[src], prompt_mask)
     slot_valid = torch.ones(S, L, dtype=torch.bool, device=dev)
     slot_valid[:, :T] = prompt_mask.bool()
     pos_offset = prompt_mask.long().sum(-1) - T  # position id = pos_offset + cache slot

@@ -38,6 +38,13 @@ def divide(scores: Tensor, t: Tensor) -> Tensor:
     return torch.where(overflow, shifted, q)
 
 
+def padding_as_no_token(ids: Tensor, mask: Tensor) -> Tensor:
+    """(S, T) prompt ids -> the history the processors read: a left-padding slot t holds -1 - t, an id no
+    token has and no other slot shares, so no processor can read padding as text (pad id == EOS id
+    included): penalties, n-grams and bad words see only each row's own tokens, as unpadded."""
+    return torch.where(mask.bool(), ids, -1 - torch.arange(ids.size(1), device=ids.device))
+
+
 def _mask(ids: Tensor, V: int) -> Tensor:
     """[S, K] token ids -> [S, V] bool presence. Id V means "nothing": it lands in a dropped dump column."""
     return torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)[:, :V]
@@ -52,7 +59,7 @@ def _ngram_bans(history: Tensor, cur_len: Tensor, n: Tensor, nmax: int, V: int) 
     for d in range(1, nmax):  # compare history[t - d] with history[cur_len - d]
         last = history.gather(1, (cur_len - d).clamp(min=0).expand(S, 1))  # [S, 1]
         hit = hit & ((m < d) | (history.roll(d, 1) == last))  # roll's wrap-around only hits t < d <= m
-    return torch.where(hit, history, V)  # [S, L]
+    return torch.where(hit & (history >= 0), history, V)  # [S, L]; padding (< 0) never matches a real token
 
 
 def _bad_word_bans(history: Tensor, cur_len: Tensor, c: Controls, V: int) -> Tensor:
@@ -62,7 +69,8 @@ def _bad_word_bans(history: Tensor, cur_len: Tensor, c: Controls, V: int) -> Ten
     tail = history.index_select(1, idx)  # [S, P], the last P tokens
     prefix = c.bad_words[:, :-1]  # [W, P], -1 = no token there
     match = ((tail[:, None, :] == prefix) | (prefix < 0)).all(-1)  # [S, W]
-    hit = match & c.bad_use & (c.bad_len <= cur_len)  # HF skips words longer than the context
+    length = cur_len - (history < 0).sum(1, keepdim=True)  # [S, 1] the row's own tokens, padding not counted
+    hit = match & c.bad_use & (c.bad_len <= length)  # HF skips words longer than the context
     return torch.where(hit, c.bad_words[:, -1], V)  # [S, W]
 
 
@@ -70,13 +78,13 @@ def processors(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c
     """The HF processors (repetition_penalty .. min_new_tokens), not the warpers. scores [S, V] f32.
 
     history [S, L] long: history[:, :cur_len] holds each stream's tokens so far (prompt with its left
-    padding, then generated tokens; all ids in [0, V)), like HF's input_ids; later positions are
-    ignored. cur_len, step: 0-d long tensors (not ints, so new values do not recompile); step =
+    padding, then generated tokens), like HF's input_ids, except that a padding slot holds a negative
+    id (`padding_as_no_token`) so that no processor reads it; later positions (>= 0) are ignored. cur_len, step: 0-d long tensors (not ints, so new values do not recompile); step =
     tokens generated so far (for min_new_tokens).
     """
     V = scores.shape[1]
     if plan.repetition_penalty:
-        seen = torch.arange(history.shape[1], device=history.device) < cur_len
+        seen = (torch.arange(history.shape[1], device=history.device) < cur_len) & (history >= 0)
         present = _mask(torch.where(seen, history, V), V)
         pen = c.repetition_penalty[:, None]
         penalised = torch.where(scores < 0, scores * pen, scores / pen).clamp(-_F32_MAX, _F32_MAX)
