@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import as_seed, is_int
 from ..inputs import prompt_batch, prompt_width
-from ..kernels.linear import stale_packs
+from ..kernels.int8 import stale_layers
 from ..model import GPT2
 from .controls import SamplingConfig
 
@@ -128,7 +128,7 @@ def use_compile(compile: bool | None, model: GPT2) -> bool:
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
     # int8 (model.quantize) compiles too: its kernel is a custom op. A compiled graph cannot see
     # that a weight changed after quantize (eager decoding falls back to fp32 for such layers).
-    stale = stale_packs(model) if compile and model.quantized else []
+    stale = stale_layers(model) if compile and model.quantized else []
     if stale:
         raise ValueError(f"compile=True: weights changed since quantize('int8') ({', '.join(stale[:3])}"
                          f"{', ...' if len(stale) > 3 else ''}); call model.quantize('int8') again (or compile=False)")
