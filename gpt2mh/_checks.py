@@ -119,3 +119,36 @@ def float_setting(name: str, value, low: float = -math.inf, high: float = math.i
     if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
         raise ValueError(f"{name}={value!r} is out of range: {allowed}")
     return v
+
+
+# ---- one setting said two ways -------------------------------------------------------------------
+class SettingConflict(ValueError):
+    """One setting given twice with different values; `first` / `second` are (how it was spelled, value)."""
+
+    def __init__(self, key: str, first: tuple, second: tuple):
+        self.key, self.first, self.second = key, first, second
+        super().__init__(f"{second[0]} and {first[0]} disagree: give one of them")
+
+
+def merge_settings(sources) -> dict:
+    """The one rule for a setting that can be said two ways (a flag and a --set, --controls and
+    --max-new-tokens, max_length and max_new_tokens, a key twice in one control string): the sources,
+    in order, as (spelling, {key: value}); a key given by two of them must have one value, else
+    SettingConflict names both spellings. spelling: a format string with {key} and {value}, or a
+    callable (key, value) -> str. Returns the merged settings."""
+    merged, spelled = {}, {}
+    for spelling, values in sources:
+        for key, value in values.items():
+            text = spelling(key, value) if callable(spelling) else spelling.format(key=key, value=value)
+            if key in merged and not _same_value(merged[key], value):
+                raise SettingConflict(key, (spelled[key], merged[key]), (text, value))
+            merged[key], spelled[key] = value, text
+    return merged
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b or is_int(a) and is_int(b) and a == b or \
+        isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool) and a == b or \
+        isinstance(b, float) and isinstance(a, (int, float)) and not isinstance(a, bool) and a == b

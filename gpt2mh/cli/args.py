@@ -6,6 +6,7 @@ import argparse
 import difflib
 from pathlib import Path
 
+from .._checks import SettingConflict, merge_settings
 from ..weights.hub import latest_checkpoint, looks_like_path, resolve_model
 
 DEFAULT_RUN = Path("runs/quickstart")
@@ -76,16 +77,28 @@ def parse_head_controls(specs: list[str], names) -> dict:
             raise UsageError(f"--head {spec!r}: expected NAME:key=value,... (e.g. reading:do_sample=false)")
         if name not in names:
             raise UsageError(f"--head {spec!r}: unknown head {name!r}; the model has {list(names)}")
-        cfg = SamplingConfig.from_string(rest)
         # every key given, default values too: `--controls do_sample=true --head h:do_sample=false` makes h greedy
-        controls = {key: getattr(cfg, key) for key in given_keys(rest)}
-        merged = per_head.setdefault(name, {})  # `--head h:a=1 --head h:b=2` is h:a=1,b=2
-        clash = sorted(k for k in controls if k in merged and merged[k] != controls[k])
-        if clash:
-            raise UsageError(f"--head {spec!r}: {name}'s {', '.join(clash)} already set by an earlier --head "
-                             f"{name}:... to another value; give each control once")
-        merged.update(controls)
+        controls = given_controls(SamplingConfig.from_string(rest), rest)
+        try:  # `--head h:a=1 --head h:b=2` is h:a=1,b=2; the one rule for a control given twice
+            per_head[name] = merge_settings([("earlier", per_head.get(name, {})), ("later", controls)])
+        except SettingConflict as e:
+            raise UsageError(f"--head {spec!r}: {name}'s {e.key} already set by an earlier --head "
+                             f"{name}:... to another value; give each control once") from None
     return per_head
+
+
+def given_controls(cfg, spec: str) -> dict:
+    """The controls a `key=value,...` spec names, as `cfg` (its parse) holds them: default values included."""
+    return {key: getattr(cfg, key) for key in given_keys(spec)}
+
+
+def one_setting_each(controls: dict, max_new_tokens: int | None) -> dict:
+    """generate's --controls and --max-new-tokens, merged by the one rule (`_checks.merge_settings`)."""
+    flag = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    try:
+        return merge_settings([("--controls {key}={value}", controls), ("--max-new-tokens {value}", flag)])
+    except SettingConflict as e:
+        raise UsageError(str(e)) from None
 
 
 def given_keys(spec: str) -> list[str]:
@@ -127,12 +140,3 @@ def folder_arg(path: str | None, flag: str) -> None:
     """An output folder given as the path of an existing file: say so before any work."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise UsageError(f"{flag} {path}: is a file, not a folder; give a folder for the outputs")
-
-
-def control_dict(cfg) -> dict:
-    from dataclasses import fields
-
-    from ..inference.controls import SamplingConfig
-
-    default = SamplingConfig()
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}

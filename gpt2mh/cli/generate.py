@@ -9,9 +9,10 @@ from pathlib import Path
 
 from .args import (
     UsageError,
-    control_dict,
+    given_controls,
     head_list,
     load_model_and_tokenizer,
+    one_setting_each,
     parse_head_controls,
     seed_arg,
 )
@@ -49,15 +50,11 @@ def cmd_generate(args) -> None:
     model, tok = load_model_and_tokenizer(args.model, args.device, args.revision)
     heads = head_list(args.heads)
     names = [model.head_names[i] for i in model.head_index(heads)]
-    controls = control_dict(SamplingConfig.from_string(args.controls)) if args.controls else {}
+    controls = given_controls(SamplingConfig.from_string(args.controls), args.controls) if args.controls else {}
     if args.stream and args.json:
         raise UsageError("--stream prints text as it is produced, --json whole outputs as JSON lines: "
                          "give one of them")
-    if args.max_new_tokens is not None:  # 0 and negatives too: refused by name, never ignored
-        if controls.get("max_new_tokens", args.max_new_tokens) != args.max_new_tokens:
-            raise UsageError(f"--max-new-tokens {args.max_new_tokens} and --controls max_new_tokens="
-                             f"{controls['max_new_tokens']} disagree: give one of them")
-        controls["max_new_tokens"] = args.max_new_tokens
+    controls = one_setting_each(controls, args.max_new_tokens)  # 0 and negatives too: refused by name, never ignored
     kwargs = dict(per_head=parse_head_controls(args.head, names), compile=args.compile, seed=args.seed, **controls)
     texts = read_inputs(args)
     if args.stream:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import FLOAT32_MAX, float_setting, is_int, plain_number
+from .._checks import FLOAT32_MAX, float_setting, is_int, merge_settings, plain_number
 
 _INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_new_tokens", "max_new_tokens", "num_return_sequences")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty")
@@ -135,7 +135,7 @@ class SamplingConfig:
         values (default: SamplingConfig()).
         """
         valid = [f.name for f in dataclasses.fields(cls)]
-        changes = {}
+        sources = []  # each pair its own source: a key given twice must say one value (`merge_settings`)
         for item in spec.split(","):
             if not item.strip():
                 continue
@@ -145,10 +145,10 @@ class SamplingConfig:
             if not sep:
                 raise ValueError(f"{key}: expected {key}=value, got {item.strip()!r}")
             try:
-                changes[key] = _PARSERS[key](raw)
+                sources.append((repr(item.strip()), {key: _PARSERS[key](raw)}))
             except ValueError:
                 raise ValueError(f"{key}: cannot parse value {raw!r}") from None
-        return (base or cls()).replace(**changes)
+        return (base or cls()).replace(**merge_settings(sources))
 
 
 def _parse_bool(s: str) -> bool:

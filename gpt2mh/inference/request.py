@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .._checks import as_seed, is_int
+from .._checks import as_seed, is_int, merge_settings
 from ..inputs import prompt_batch, prompt_width
 from ..kernels.int8 import stale_layers
 from ..model import GPT2
@@ -193,10 +193,12 @@ def hf_aliases(controls: dict, input_ids) -> dict:
         if not isinstance(max_length, int) or isinstance(max_length, bool):
             raise ValueError(f"max_length={max_length!r} must be an integer (prompt + new tokens), or None")
         T = prompt_width(input_ids)
-        if "max_new_tokens" not in controls:
-            if max_length <= T:
-                raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens")
-            controls["max_new_tokens"] = max_length - T
+        given = controls.pop("max_new_tokens", None)
+        if given is None and max_length <= T:
+            raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens")
+        controls.update(merge_settings([  # both given: they must agree (one rule, `_checks.merge_settings`)
+            (f"max_length={max_length} (a prompt of {T} + {{value}} new tokens)", {"max_new_tokens": max_length - T}),
+            ("max_new_tokens={value}", {} if given is None else {"max_new_tokens": given})]))
     if "max_new_tokens" in controls and controls["max_new_tokens"] is None:
         del controls["max_new_tokens"]
     words = controls.get("bad_words_ids")

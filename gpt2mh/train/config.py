@@ -14,7 +14,7 @@ import numpy as np
 import tomllib
 import torch
 
-from .._checks import SEED_RANGE, float_setting
+from .._checks import SEED_RANGE, float_setting, merge_settings
 from ..model import GPT2, check_head_names
 from .packing import TRUNCATION
 
@@ -336,13 +336,14 @@ def parse_set(items) -> dict:
     """`--set KEY=VALUE` items -> {key: value}: the one grammar of both training command lines
     (`gpt2mh train`). VALUE is JSON where it parses as JSON (numbers,
     true/false/null, lists, objects), else the text itself (`--set base=rinna/japanese-gpt2-small`)."""
-    out = {}
+    sources = []  # each item its own source: a key set twice must say one value (`merge_settings`)
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         try:
-            out[key.strip()] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+            parsed = value
+        sources.append((f"--set {item}", {key.strip(): parsed}))
+    return merge_settings(sources)
