@@ -140,3 +140,32 @@ def folder_arg(path: str | None, flag: str) -> None:
     """An output folder given as the path of an existing file: say so before any work."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise UsageError(f"{flag} {path}: is a file, not a folder; give a folder for the outputs")
+
+
+def read_text_inputs(file: str | None) -> list[tuple[int, str]]:
+    """generate's inputs from --file or stdin, by the data files' reader (`train.data.read_lines`): the same
+    bytes, BOM, line breaks and line numbers. A file that is not UTF-8 is a usage error naming its line."""
+    import sys
+
+    from ..train.data import DataError, read_lines
+
+    try:
+        if file is not None:
+            return read_lines(Path(file))
+        return read_lines(data=sys.stdin.buffer.read(), name="<stdin>")
+    except DataError as e:  # "PATH: line N: not valid UTF-8: ..." -> the CLI's wording, same line number
+        label = file if file is not None else "<stdin>"
+        detail = str(e).removeprefix(f"{label}: ")
+        raise UsageError(f"{label}: not UTF-8 text ({detail}; position {getattr(e, 'offset', '?')})") from None
+
+
+def stream_refusal(controls: dict, per_head: dict) -> None:
+    """--stream prints one text per input and head, as the plain output does: a control that makes more
+    (num_return_sequences > 1) is refused by name instead of failing inside the printer."""
+    many = {h: c.get("num_return_sequences") for h, c in {"": controls, **per_head}.items()
+            if isinstance(c, dict) and (c.get("num_return_sequences") or 1) > 1}
+    if many:
+        where = ", ".join(f"--head {h}:" if h else "--controls " for h in many)
+        raise UsageError(f"--stream prints one output per input and head, but num_return_sequences="
+                         f"{max(many.values())} ({where}num_return_sequences) asks for more: drop --stream "
+                         f"(the plain and --json outputs list them) or num_return_sequences")

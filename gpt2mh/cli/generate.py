@@ -14,7 +14,9 @@ from .args import (
     load_model_and_tokenizer,
     one_setting_each,
     parse_head_controls,
+    read_text_inputs,
     seed_arg,
+    stream_refusal,
 )
 
 
@@ -28,15 +30,10 @@ def read_inputs(args) -> list[str]:
         path = Path(args.file)
         if path.is_dir():
             raise UsageError(f"--file {path}: is a folder; expected a UTF-8 text file with one input per line")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such input file") from None
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: not UTF-8 text ({e})") from None
-    else:
-        lines = sys.stdin.read().splitlines()
-    texts = [line for line in lines if line.strip()]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such input file")
+    lines = read_text_inputs(args.file)
+    texts = [line for _, line in lines]
     if not texts:
         raise UsageError("no input text: give TEXT arguments, --file FILE or lines on stdin")
     return texts
@@ -58,6 +55,7 @@ def cmd_generate(args) -> None:
     kwargs = dict(per_head=parse_head_controls(args.head, names), compile=args.compile, seed=args.seed, **controls)
     texts = read_inputs(args)
     if args.stream:
+        stream_refusal(controls, kwargs["per_head"])
         print_stream(stream(model, tok, *encode_prompts(tok, texts, model), heads, **kwargs), texts, names)
         return
     out = generate_text(model, tok, texts, heads, **kwargs)
