@@ -145,7 +145,7 @@ class SamplingConfig:
             if not sep:
                 raise ValueError(f"{key}: expected {key}=value, got {item.strip()!r}")
             try:
-                sources.append((repr(item.strip()), {key: _PARSERS[key](raw)}))
+                sources.append((lambda k, v, item=item: repr(item.strip()), {key: _PARSERS[key](raw)}))
             except ValueError:
                 raise ValueError(f"{key}: cannot parse value {raw!r}") from None
         return (base or cls()).replace(**merge_settings(sources))

@@ -345,5 +345,5 @@ def parse_set(items) -> dict:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        sources.append((f"--set {item}", {key.strip(): parsed}))
+        sources.append((lambda k, v, item=item: f"--set {item}", {key.strip(): parsed}))
     return merge_settings(sources)
