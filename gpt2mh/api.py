@@ -14,7 +14,7 @@ from .inference.generate import generate
 from .inference.score import score
 from .kernels.int8 import quantize_model
 from .model import GPT2
-from .weights.folder import load_model, save_model
+from .weights.folder import check_load_args, load_model, save_model
 from .weights.hub import resolve_model
 
 
@@ -30,6 +30,7 @@ class MultiHeadGPT2(GPT2):
         heads=None keeps a gpt2mh checkpoint's heads, or gives one head "lm" for a HF checkpoint;
         a list of names gives those heads, each new name an untied copy of the pretrained LM head;
         quantize="int8": inference with int8 weights (see `quantize`)."""
+        heads, device, dtype = check_load_args(heads, device, dtype, revision=revision, quantize=quantize, src=src)
         model = load_model(resolve_model(src, revision=revision), heads, device=device, dtype=dtype, cls=cls)
         return model.quantize(quantize) if quantize else model
 

@@ -216,7 +216,7 @@ class GPT2(nn.Module):
     def head_weights(self, idx: list[int]):
         """The selected heads as the head matmul takes them: (N, C, V) fp32, or their int8 form."""
         q = self.int8_heads
-        if q is not None and q.version == self.heads._version and not torch.is_grad_enabled():
+        if q is not None and not torch.is_grad_enabled() and q.fresh(self.heads):  # fresh: gpt2mh.kernels.int8
             return q if idx == list(range(len(self.head_names))) else q.select(idx)
         return self.heads if idx == list(range(len(self.head_names))) else self.heads[idx].contiguous()
 

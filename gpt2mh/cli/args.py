@@ -6,6 +6,7 @@ import argparse
 import difflib
 from pathlib import Path
 
+from .._checks import SettingConflict, merge_settings
 from ..weights.hub import latest_checkpoint, looks_like_path, resolve_model
 
 DEFAULT_RUN = Path("runs/quickstart")
@@ -76,16 +77,28 @@ def parse_head_controls(specs: list[str], names) -> dict:
             raise UsageError(f"--head {spec!r}: expected NAME:key=value,... (e.g. reading:do_sample=false)")
         if name not in names:
             raise UsageError(f"--head {spec!r}: unknown head {name!r}; the model has {list(names)}")
-        cfg = SamplingConfig.from_string(rest)
         # every key given, default values too: `--controls do_sample=true --head h:do_sample=false` makes h greedy
-        controls = {key: getattr(cfg, key) for key in given_keys(rest)}
-        merged = per_head.setdefault(name, {})  # `--head h:a=1 --head h:b=2` is h:a=1,b=2
-        clash = sorted(k for k in controls if k in merged and merged[k] != controls[k])
-        if clash:
-            raise UsageError(f"--head {spec!r}: {name}'s {', '.join(clash)} already set by an earlier --head "
-                             f"{name}:... to another value; give each control once")
-        merged.update(controls)
+        controls = given_controls(SamplingConfig.from_string(rest), rest)
+        try:  # `--head h:a=1 --head h:b=2` is h:a=1,b=2; the one rule for a control given twice
+            per_head[name] = merge_settings([("earlier", per_head.get(name, {})), ("later", controls)])
+        except SettingConflict as e:
+            raise UsageError(f"--head {spec!r}: {name}'s {e.key} already set by an earlier --head "
+                             f"{name}:... to another value; give each control once") from None
     return per_head
+
+
+def given_controls(cfg, spec: str) -> dict:
+    """The controls a `key=value,...` spec names, as `cfg` (its parse) holds them: default values included."""
+    return {key: getattr(cfg, key) for key in given_keys(spec)}
+
+
+def one_setting_each(controls: dict, max_new_tokens: int | None) -> dict:
+    """generate's --controls and --max-new-tokens, merged by the one rule (`_checks.merge_settings`)."""
+    flag = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    try:
+        return merge_settings([("--controls {key}={value}", controls), ("--max-new-tokens {value}", flag)])
+    except SettingConflict as e:
+        raise UsageError(str(e)) from None
 
 
 def given_keys(spec: str) -> list[str]:
@@ -129,10 +142,30 @@ def folder_arg(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {path}: is a file, not a folder; give a folder for the outputs")
 
 
-def control_dict(cfg) -> dict:
-    from dataclasses import fields
+def read_text_inputs(file: str | None) -> list[tuple[int, str]]:
+    """generate's inputs from --file or stdin, by the data files' reader (`train.data.read_lines`): the same
+    bytes, BOM, line breaks and line numbers. A file that is not UTF-8 is a usage error naming its line."""
+    import sys
 
-    from ..inference.controls import SamplingConfig
+    from ..train.data import DataError, read_lines
 
-    default = SamplingConfig()
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+    try:
+        if file is not None:
+            return read_lines(Path(file))
+        return read_lines(data=sys.stdin.buffer.read(), name="<stdin>")
+    except DataError as e:  # "PATH: line N: not valid UTF-8: ..." -> the CLI's wording, same line number
+        label = file if file is not None else "<stdin>"
+        detail = str(e).removeprefix(f"{label}: ")
+        raise UsageError(f"{label}: not UTF-8 text ({detail}; position {getattr(e, 'offset', '?')})") from None
+
+
+def stream_refusal(controls: dict, per_head: dict) -> None:
+    """--stream prints one text per input and head, as the plain output does: a control that makes more
+    (num_return_sequences > 1) is refused by name instead of failing inside the printer."""
+    many = {h: c.get("num_return_sequences") for h, c in {"": controls, **per_head}.items()
+            if isinstance(c, dict) and (c.get("num_return_sequences") or 1) > 1}
+    if many:
+        where = ", ".join(f"--head {h}:" if h else "--controls " for h in many)
+        raise UsageError(f"--stream prints one output per input and head, but num_return_sequences="
+                         f"{max(many.values())} ({where}num_return_sequences) asks for more: drop --stream "
+                         f"(the plain and --json outputs list them) or num_return_sequences")

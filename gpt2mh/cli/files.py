@@ -54,21 +54,16 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ..weights.export import export_hf_from_checkpoint
+    from ..weights.export import FAST_TOKENIZER_GAP, export_hf_from_checkpoint
 
     # like generate and eval, --model may be a training output folder (runs/quickstart): its newest checkpoint
     out = export_hf_from_checkpoint(model_folder(args.model), args.head, args.out, overwrite=args.overwrite)
-    slow = f"""tokenizer = AutoTokenizer.from_pretrained("{out}", use_fast=False)
-  tokenizer.do_lower_case = True  # rinna's tokenizer lowercases; T5Tokenizer does not read that from its files"""
-    if (Path(out) / "tokenizer.json").is_file():  # written when the `tokenizers` package is installed
-        tokenizer = f"""tokenizer = AutoTokenizer.from_pretrained("{out}")  # fast: tokenizer.json lowercases as gpt2mh
-  or, with the slow tokenizer:
-  {slow}"""
-    else:
-        tokenizer = slow + "\n  (rinna's model card sets the same flag; without it, Latin capitals become <unk>)"
     print(f"""wrote {out}: head {args.head!r} as a transformers GPT2LMHeadModel. Use it as gpt2mh does:
   model = AutoModelForCausalLM.from_pretrained("{out}")
-  {tokenizer}""", file=sys.stderr)
+  tokenizer = AutoTokenizer.from_pretrained("{out}", use_fast=False)
+  tokenizer.do_lower_case = True  # rinna's tokenizer lowercases; T5Tokenizer does not read that from its files
+  (rinna's model card sets the same flag; without it, Latin capitals become <unk>. use_fast=False:
+  {FAST_TOKENIZER_GAP}.)""", file=sys.stderr)
     print(out)
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 from .args import (
     UsageError,
-    control_dict,
+    given_controls,
     head_list,
     load_model_and_tokenizer,
+    one_setting_each,
     parse_head_controls,
+    read_text_inputs,
     seed_arg,
+    stream_refusal,
 )
 
 
@@ -37,15 +39,10 @@ def read_inputs(args) -> list[str]:
         path = Path(args.file)
         if path.is_dir():
             raise UsageError(f"--file {path}: is a folder; expected a UTF-8 text file with one input per line")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such input file") from None
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: not UTF-8 text ({e})") from None
-    else:
-        lines = sys.stdin.read().splitlines()
-    texts = [line for line in lines if line.strip()]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such input file")
+    lines = read_text_inputs(args.file)
+    texts = [line for _, line in lines]
     if not texts:
         raise UsageError("no input text: give TEXT arguments, --file FILE or lines on stdin")
     return texts
@@ -60,15 +57,11 @@ def cmd_generate(args) -> None:
     model, tok = load_model_and_tokenizer(args.model, args.device, args.revision)
     heads = head_list(args.heads)
     names = [model.head_names[i] for i in model.head_index(heads)]
-    controls = control_dict(SamplingConfig.from_string(args.controls)) if args.controls else {}
+    controls = given_controls(SamplingConfig.from_string(args.controls), args.controls) if args.controls else {}
     if args.stream and args.json:
         raise UsageError("--stream prints text as it is produced, --json whole outputs as JSON lines: "
                          "give one of them")
-    if args.max_new_tokens is not None:  # 0 and negatives too: refused by name, never ignored
-        if controls.get("max_new_tokens", args.max_new_tokens) != args.max_new_tokens:
-            raise UsageError(f"--max-new-tokens {args.max_new_tokens} and --controls max_new_tokens="
-                             f"{controls['max_new_tokens']} disagree: give one of them")
-        controls["max_new_tokens"] = args.max_new_tokens
+    controls = one_setting_each(controls, args.max_new_tokens)  # 0 and negatives too: refused by name, never ignored
     kwargs = dict(per_head=parse_head_controls(args.head, names), compile=args.compile, seed=args.seed, **controls)
     if args.output:
         if args.stream or args.json or args.text:
@@ -81,6 +74,7 @@ def cmd_generate(args) -> None:
         raise UsageError(f"{'--resume' if args.resume else '--overwrite'} goes with --output OUT.jsonl")
     texts = read_inputs(args)
     if args.stream:
+        stream_refusal(controls, kwargs["per_head"])
         print_stream(stream(model, tok, *encode_prompts(tok, texts, model), heads, **kwargs), texts, names)
         return
     encode_prompts(tok, texts, model)  # an input too long for the context is refused before any work

@@ -40,6 +40,7 @@ TRAIN_FLAGS = ("train_file", "validation_file", "heads", "output_dir", "base", "
 
 
 def cmd_train(args) -> None:
+    from .._checks import merge_settings
     from ..train.config import TrainConfig, parse_set
     from ..train.loop import train
 
@@ -58,9 +59,10 @@ def cmd_train(args) -> None:
         if "not UTF-8 text" in str(e):
             raise UsageError(f"--config {e}") from None
         raise
-    overrides = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
-    try:
-        overrides.update(parse_set(args.set or []))
+    flags = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
+    try:  # a flag and a --set of one setting: the one rule (`_checks.merge_settings`)
+        overrides = merge_settings([(lambda k, v: f"--{k.replace('_', '-')} {v}", flags),
+                                    ("--set {key}={value}", parse_set(args.set or []))])
     except ValueError as e:
         raise UsageError(str(e)) from None
     if cfg is None and args.resume and args.output_dir:

@@ -9,20 +9,29 @@ cumulative prob <= -1, ...), so such streams get bit-for-bit what HF gives witho
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._checks import is_int
+from .._checks import FLOAT32_MAX, float_setting, is_int, merge_settings, plain_number
 
 _INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_new_tokens", "max_new_tokens", "num_return_sequences")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty")
 _TYPICAL_OFF = 2.0  # typical mass > 1: every cumulative prob is below it, so nothing is removed
 _TOP_P_OFF = -1.0  # cut below any cumulative prob: nothing is removed
+# Each float control's domain (low, high, low open?, note), checked by the one rule `_checks.float_setting`
+# (not NaN, within float32's range: the controls live in float32 tensors). temperature (sampling) and
+# repetition_penalty divide the scores, so they must be normal float32 numbers; a quotient beyond float32
+# is handled (`sampling.divide`, the penalty held at float32's max), so that whole range is usable.
+_FLOAT_DOMAINS = {
+    "temperature": (-FLOAT32_MAX, FLOAT32_MAX, False, "must be a finite number (unused with do_sample=False)"),
+    "top_p": (0.0, 1.0, True, "must be in (0, 1] (1 = off)"),
+    "min_p": (0.0, 1.0, False, "must be in [0, 1] (0 = off)"),
+    "typical_p": (0.0, 1.0, True, "must be in (0, 1] (1 = off)"),
+    "repetition_penalty": (0.0, FLOAT32_MAX, True, "must be > 0 (1 = off)"),
+}
 
 
 def _tuple(x):
@@ -67,6 +76,8 @@ class SamplingConfig:
         words = self.bad_words_ids if self.bad_words_ids is not None else ()
         object.__setattr__(self, "bad_words_ids", tuple(_tuple(w) for w in _tuple(words)))
         object.__setattr__(self, "eos_token_id", _tuple(self.eos_token_id))
+        for name in _INT_FIELDS + _FLOAT_FIELDS:  # numpy / 0-d torch scalars -> Python numbers
+            object.__setattr__(self, name, plain_number(getattr(self, name)))
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -77,21 +88,13 @@ class SamplingConfig:
     def validate(self, vocab_size: int | None = None) -> None:
         for name in _INT_FIELDS:
             _require(is_int(getattr(self, name)), name, getattr(self, name), "must be an integer")
-        for name in _FLOAT_FIELDS:
-            v = getattr(self, name)
-            _require(isinstance(v, numbers.Real) and not isinstance(v, bool), name, v, "must be a number")
         _require(isinstance(self.do_sample, bool), "do_sample", self.do_sample, "must be True or False")
-        if self.do_sample:  # `not x > 0` also catches NaN
-            _require(self.temperature > 0, "temperature", self.temperature,
-                     "must be > 0 with do_sample=True (use do_sample=False for greedy)")
-        for name in ("temperature", "repetition_penalty"):  # inf / inf = NaN: bans would be lost
-            _require(math.isfinite(getattr(self, name)), name, getattr(self, name), "must be a finite number")
+        for name, (low, high, low_open, allowed) in _FLOAT_DOMAINS.items():
+            if name == "temperature" and self.do_sample:
+                low, low_open, allowed = 0.0, True, "must be > 0 with do_sample=True (use do_sample=False for greedy)"
+            normal = name == "repetition_penalty" or name == "temperature" and self.do_sample  # divisors
+            float_setting(name, getattr(self, name), low, high, low_open=low_open, normal=normal, allowed=allowed)
         _require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
-        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1] (1 = off)")
-        _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1] (0 = off)")
-        _require(0 < self.typical_p <= 1, "typical_p", self.typical_p, "must be in (0, 1] (1 = off)")
-        _require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty,
-                 "must be > 0 (1 = off)")
         _require(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", self.no_repeat_ngram_size,
                  "must be >= 0 (0 = off)")
         _require(self.num_return_sequences >= 1, "num_return_sequences", self.num_return_sequences, "must be >= 1")
@@ -130,7 +133,7 @@ class SamplingConfig:
         values (default: SamplingConfig()).
         """
         valid = [f.name for f in dataclasses.fields(cls)]
-        changes = {}
+        sources = []  # each pair its own source: a key given twice must say one value (`merge_settings`)
         for item in spec.split(","):
             if not item.strip():
                 continue
@@ -140,10 +143,10 @@ class SamplingConfig:
             if not sep:
                 raise ValueError(f"{key}: expected {key}=value, got {item.strip()!r}")
             try:
-                changes[key] = _PARSERS[key](raw)
+                sources.append((lambda k, v, item=item: repr(item.strip()), {key: _PARSERS[key](raw)}))
             except ValueError:
                 raise ValueError(f"{key}: cannot parse value {raw!r}") from None
-        return (base or cls()).replace(**changes)
+        return (base or cls()).replace(**merge_settings(sources))
 
 
 def _parse_bool(s: str) -> bool:

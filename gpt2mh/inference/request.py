@@ -7,9 +7,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .._checks import as_seed, is_int
+from .._checks import as_seed, is_int, merge_settings
 from ..inputs import prompt_width
-from ..kernels.linear import stale_packs
+from ..kernels.int8 import stale_layers
 from ..model import GPT2
 from .controls import SamplingConfig
 from .engine import PREFILL_BATCH, Engine
@@ -70,7 +70,7 @@ def use_compile(compile: bool | None, model: GPT2) -> bool:
     # for a ~15% faster step (same MKL calls either way): worth it only for long or repeated runs.
     # int8 (model.quantize) compiles too: its kernel is a custom op. A compiled graph cannot see
     # that a weight changed after quantize (eager decoding falls back to fp32 for such layers).
-    stale = stale_packs(model) if compile and model.quantized else []
+    stale = stale_layers(model) if compile and model.quantized else []
     if stale:
         raise ValueError(f"compile=True: weights changed since quantize('int8') ({', '.join(stale[:3])}"
                          f"{', ...' if len(stale) > 3 else ''}); call model.quantize('int8') again (or compile=False)")
@@ -150,10 +150,12 @@ def hf_aliases(controls: dict, input_ids) -> dict:
         if not isinstance(max_length, int) or isinstance(max_length, bool):
             raise ValueError(f"max_length={max_length!r} must be an integer (prompt + new tokens), or None")
         T = prompt_width(input_ids)
-        if "max_new_tokens" not in controls:
-            if max_length <= T:
-                raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens")
-            controls["max_new_tokens"] = max_length - T
+        given = controls.pop("max_new_tokens", None)
+        if given is None and max_length <= T:
+            raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens")
+        controls.update(merge_settings([  # both given: they must agree (one rule, `_checks.merge_settings`)
+            (f"max_length={max_length} (a prompt of {T} + {{value}} new tokens)", {"max_new_tokens": max_length - T}),
+            ("max_new_tokens={value}", {} if given is None else {"max_new_tokens": given})]))
     if "max_new_tokens" in controls and controls["max_new_tokens"] is None:
         del controls["max_new_tokens"]
     words = controls.get("bad_words_ids")

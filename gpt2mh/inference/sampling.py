@@ -24,6 +24,25 @@ from torch import Tensor
 from .controls import Controls, Plan
 
 _NEG_INF = float("-inf")
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def divide(scores: Tensor, t: Tensor) -> Tensor:
+    """scores / t per row (temperature), t a normal positive float32 [S, 1]. Where a finite score's
+    quotient leaves float32 (a tiny t), that row is divided after subtracting its max instead: the same
+    distribution (softmax, top-k/p, min-p and typical-p are shift-invariant), now finite, tending to
+    greedy as t -> 0. Rows that stay finite get exactly HF's scores / t."""
+    q = scores / t
+    overflow = (q.isinf() & scores.isfinite()).any(-1, keepdim=True)
+    shifted = (scores - scores.amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)) / t
+    return torch.where(overflow, shifted, q)
+
+
+def padding_as_no_token(ids: Tensor, mask: Tensor) -> Tensor:
+    """(S, T) prompt ids -> the history the processors read: a left-padding slot t holds -1 - t, an id no
+    token has and no other slot shares, so no processor can read padding as text (pad id == EOS id
+    included): penalties, n-grams and bad words see only each row's own tokens, as unpadded."""
+    return torch.where(mask.bool(), ids, -1 - torch.arange(ids.size(1), device=ids.device))
 
 
 def _mask(ids: Tensor, V: int) -> Tensor:
@@ -52,7 +71,8 @@ def _bad_word_bans(history: Tensor, cur_len: Tensor, c: Controls, V: int) -> Ten
     tail = torch.where(idx >= 0, history.gather(1, idx.clamp(min=0)), -2)  # the last P tokens; -2 before the start
     prefix = c.bad_words[:, :-1]  # [W, P], -1 = no token there
     match = ((tail[:, None, :] == prefix) | (prefix < 0)).all(-1)  # [S, W]; padding (-1) matches no token
-    hit = match & c.bad_use & (c.bad_len <= cur_len[:, None])  # HF skips words longer than the context
+    own = ((history >= 0) & (torch.arange(history.shape[1], device=history.device) < cur_len[:, None])).sum(1, keepdim=True)
+    hit = match & c.bad_use & (c.bad_len <= own)  # HF skips words longer than the context (the row's own tokens)
     return torch.where(hit, c.bad_words[:, -1], V)  # [S, W]
 
 
@@ -70,7 +90,8 @@ def processors(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c
         seen = (torch.arange(history.shape[1], device=history.device) < cur_len[:, None]) & (history >= 0)
         present = _mask(torch.where(seen, history, V), V)
         pen = c.repetition_penalty[:, None]
-        scores = torch.where(present, torch.where(scores < 0, scores * pen, scores / pen), scores)
+        penalised = torch.where(scores < 0, scores * pen, scores / pen).clamp(-_F32_MAX, _F32_MAX)
+        scores = torch.where(present, penalised, scores)  # a quotient beyond float32 is held at its max
     # no_repeat_ngram, bad words and the min_new_tokens EOS ban are consecutive -inf fills: one mask
     ids = []
     if plan.no_repeat_ngram:
@@ -90,7 +111,7 @@ def processors(scores: Tensor, history: Tensor, cur_len: Tensor, step: Tensor, c
 
 def warp(scores: Tensor, c: Controls, plan: Plan) -> Tensor:
     if plan.temperature:
-        scores = scores / c.temperature[:, None]
+        scores = divide(scores, c.temperature[:, None])
     if plan.top_k:  # k-th largest of each stream from one top-(max k); the extra -inf column is "off"
         top = F.pad(scores.topk(plan.top_k).values, (0, 1), value=_NEG_INF)
         scores = scores.masked_fill(scores < top.gather(1, c.top_k_index[:, None]), _NEG_INF)
@@ -154,7 +175,7 @@ def _sample_top_k(scores: Tensor, noise: Tensor, c: Controls, plan: Plan) -> Ten
     candidate: which j HF cuts depends on its (unstable) sort, here each tied token is equally likely.
     Weights are exp(score - max), unnormalised: top-p compares against cut * total, min-p against
     min_p (the top token's weight is 1)."""
-    x = scores / c.temperature[:, None] if plan.temperature else scores
+    x = divide(scores, c.temperature[:, None]) if plan.temperature else scores
     K = plan.top_k
     vals, idx = x.topk(K)  # (S, K) descending
     t = F.pad(vals, (0, 1), value=_NEG_INF).gather(1, c.top_k_index[:, None])  # (S, 1); -inf for greedy streams

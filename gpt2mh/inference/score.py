@@ -34,6 +34,9 @@ def score(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     dev = model.device
     ids = torch.cat([input_ids, target_ids], 1).to(dev)  # (B, T+U)
     mask = torch.cat([attention_mask, target_mask], 1).to(dev)
+    idx = model.head_index(heads)
+    # (N, C, V), or their int8 form (model.quantize); first, as it checks the int8 trunk before it is used
+    sel = model.head_weights(idx)
     was_training = model.training
     model.eval()  # scores are a property of the weights: no dropout, even mid fine-tune
     try:
@@ -42,8 +45,6 @@ def score(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         model.train(was_training)
     rows, cols = target_mask.to(dev).nonzero(as_tuple=True)  # target tokens, (M,)
     h_sel = h[rows, T + cols - 1]  # the hidden state that predicts each target token, (M, C)
-    idx = model.head_index(heads)
-    sel = model.head_weights(idx)  # (N, C, V), or their int8 form (model.quantize)
     logp = F.log_softmax(model.head_logits(h_sel, sel).float(), -1)  # (N, M, V)
     tok_logp = logp.gather(-1, target_ids.to(dev)[rows, cols].expand(len(idx), -1)[..., None])[..., 0]  # (N, M)
     return torch.zeros(len(idx), B, device=dev).index_add_(1, rows, tok_logp)

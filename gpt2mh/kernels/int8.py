@@ -37,6 +37,20 @@ def quantize_weight(w_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
+def fingerprint(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-row sums of a float32 tensor's bit patterns, in wrapping int32 adds: exact, so a change of any
+    value changes its row's sum (only a permutation within a row goes unseen). One read of the tensor:
+    about 10 ms per 100 MB on a CPU core."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t.reshape(t.size(0), -1).view(torch.int32).sum(-1, dtype=torch.int32)
+
+
+def same_print(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
 _PACKS: dict[int, object] = {}  # key -> fbgemm packed weight, for the custom op (freed with its Int8Linear)
 _KEYS = itertools.count()
 
@@ -78,11 +92,26 @@ class Int8Linear:
             else:
                 self.q, self.scale, self.bias = q, scale, b
         self.version, self.data_ptr = weight._version, weight.data_ptr()
+        self.bias_ref, self.bias_version = bias, None if bias is None else bias._version
+        self.print, self.bias_print = fingerprint(weight), fingerprint(bias)
+        self.stale = False
 
     def matches(self, weight: torch.Tensor, rows: int | None = None) -> bool:
-        if torch.compiler.is_compiling():  # checked before compiled generation instead (`linear.stale_packs`)
+        """Cheap, every call: version counters and storage (an optimizer step, a no_grad copy_, `p.data = t`).
+        Writes that bypass the version counter (`p.data.copy_(t)`, numpy views) are found by `verify`."""
+        if torch.compiler.is_compiling():  # checked before compiled generation instead (`stale_layers`)
             return True
-        return self.version == weight._version and self.data_ptr == weight.data_ptr()
+        bias = self.bias_ref
+        return not self.stale and self.version == weight._version and self.data_ptr == weight.data_ptr() \
+            and (bias is None or self.bias_version == bias._version)
+
+    def verify(self, weight: torch.Tensor) -> bool:
+        """The full check (one read of the weight and bias): marks the int8 copy stale for good when the fp32
+        values differ from those it was built from, by whatever route they changed."""
+        if not self.stale and not (self.matches(weight) and same_print(self.print, fingerprint(weight))
+                                   and same_print(self.bias_print, fingerprint(self.bias_ref))):
+            self.stale = True
+        return not self.stale
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return linear(x, weight, bias, self)
@@ -104,10 +133,22 @@ class Int8Linear:
 class Int8Heads:
     """The N heads [N, C, V] as N int8 linears; `matmul` is the int8 kernel behind `model.heads_matmul`."""
 
-    def __init__(self, heads: torch.Tensor, linears: list[Int8Linear] | None = None, version: int = 0):
+    def __init__(self, heads: torch.Tensor, linears: list[Int8Linear] | None = None, version: int = 0,
+                 trunk=()):
         self.source, self.version = heads, version
         self.linears = linears if linears is not None else [Int8Linear(h, None) for h in heads.unbind(0)]
+        self.print = fingerprint(heads.reshape(heads.size(0), -1)) if linears is None else None
         self.subsets: dict[tuple[int, ...], Int8Heads] = {}
+        self.trunk = list(trunk)  # (name, Conv1D) of the quantized trunk layers, for `fresh`
+
+    def fresh(self, heads: torch.Tensor) -> bool:
+        """Whether the int8 heads still hold `heads`' values; verifies every quantized trunk layer too (a
+        stale one falls back to fp32). Called once per generate / score call and model forward."""
+        stale_layers_of(self.trunk)
+        if self.version == heads._version and self.print is not None and \
+                not same_print(self.print, fingerprint(heads.reshape(heads.size(0), -1))):
+            self.version = -1  # changed behind the version counter: stale for good
+        return self.version == heads._version
 
     def size(self, dim: int) -> int:
         return len(self.linears) if dim == 0 else self.source.size(dim)
@@ -116,7 +157,7 @@ class Int8Heads:
         """The heads idx, as one object per subset (a compiled step sees the same one each call)."""
         key = tuple(idx)
         if key not in self.subsets:
-            self.subsets[key] = Int8Heads(self.source, [self.linears[i] for i in idx], self.version)
+            self.subsets[key] = Int8Heads(self.source, [self.linears[i] for i in idx], self.version, self.trunk)
         return self.subsets[key]
 
     def matmul(self, h: torch.Tensor) -> torch.Tensor:
@@ -141,8 +182,32 @@ def quantize_model(model: GPT2, mode: str | None = "int8") -> GPT2:
     if mode == "int8" and (model.device.type != "cpu" or model.dtype != torch.float32):
         raise ValueError(f"quantize('int8') needs a CPU float32 model (this one is {model.device.type} "
                          f"{model.dtype}); int8 kernels are CPU-only here")
-    for m in model.transformer.modules():
-        if isinstance(m, Conv1D):
-            m.kernel = Int8Linear(m.weight, m.bias) if mode else None
-    model.int8_heads = Int8Heads(model.heads, version=model.heads._version) if mode else None
+    trunk = [(f"transformer.{name}", m) for name, m in model.transformer.named_modules() if isinstance(m, Conv1D)]
+    for _, m in trunk:
+        m.kernel = Int8Linear(m.weight, m.bias) if mode else None
+    model.int8_heads = Int8Heads(model.heads, version=model.heads._version, trunk=trunk) if mode else None
+    hook = getattr(model, "_int8_check", None)
+    if hook is not None:
+        hook.remove()
+    # model(ids) without gradients uses the int8 trunk: check it once per call, as generate and score do
+    model._int8_check = model.register_forward_pre_hook(_check_before_forward) if mode else None
     return model
+
+
+def _check_before_forward(model, args) -> None:
+    if model.int8_heads is not None and not torch.is_grad_enabled():
+        model.int8_heads.fresh(model.heads)
+
+
+def stale_layers_of(trunk) -> list[str]:
+    return [name for name, m in trunk if isinstance(m.kernel, Int8Linear) and not m.kernel.verify(m.weight)]
+
+
+def stale_layers(model: GPT2) -> list[str]:
+    """Every int8 layer whose fp32 values changed since quantize('int8'), by any route (an optimizer step,
+    a no_grad copy, `.data` writes, numpy views): the full check, one read of the weights. Eager decoding
+    falls back to fp32 for them; a compiled graph cannot, so compiled generation refuses (`request.use_compile`)."""
+    q = model.int8_heads
+    if q is None:
+        return []
+    return stale_layers_of(q.trunk) + ([] if q.fresh(model.heads) else ["heads"])

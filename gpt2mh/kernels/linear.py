@@ -88,14 +88,6 @@ def prepack_model(model, rows: int) -> None:
             prepack_layer(m, rows)
 
 
-def stale_packs(model) -> list[str]:
-    """Trunk layers whose compile-capable pack (int8) no longer matches its fp32 weight. Eager
-    `linear` falls back to addmm for them; a compiled graph cannot check, so compiled decoding
-    refuses such a model (`generate.use_compile`)."""
-    return [name for name, m in model.transformer.named_modules()
-            if isinstance(m, Conv1D) and getattr(m.kernel, "compiles", False) and not m.kernel.matches(m.weight, 0)]
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pack=None) -> torch.Tensor:
     """(M, in) @ [in, out] + (out,) -> (M, out): the one kernel dispatch."""
     if pack is not None and not torch.is_grad_enabled() and (pack.compiles or not torch.compiler.is_compiling()) \

@@ -14,7 +14,7 @@ import numpy as np
 import tomllib
 import torch
 
-from .._checks import SEED_RANGE
+from .._checks import SEED_RANGE, float_setting, merge_settings
 from ..model import GPT2, check_head_names
 from .packing import TRUNCATION
 
@@ -98,6 +98,7 @@ class TrainConfig:
         settings decide by themselves. With the model, the device and the process count (setup):
         head names, lengths, bf16, the batch split. With `validation` (does the run have a
         validation set?): the settings that need one."""
+        self._check_floats()
         limits = self.eval_max_new_tokens
         budgets = list(limits.values()) if isinstance(limits, dict) else [limits]
         unknown = sorted(set(limits) - set(self.heads or limits)) if isinstance(limits, dict) else []
@@ -111,20 +112,11 @@ class TrainConfig:
              f"batch_size={self.batch_size} is not divisible by gradient_accumulation_steps="
              f"{self.gradient_accumulation_steps} (batch_size counts the examples of a whole optimizer step)"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.epochs is None or 0 < self.epochs < math.inf, f"epochs must be finite and > 0, got {self.epochs}"),
-            (0 < self.learning_rate < math.inf, f"learning_rate must be finite and > 0, got {self.learning_rate}"),
-            (0 <= self.weight_decay < math.inf, f"weight_decay must be finite and >= 0, got {self.weight_decay}"),
-            (0 < self.adam_eps < math.inf, f"adam_eps must be finite and > 0, got {self.adam_eps}"),
-            (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            (len(self.adam_betas) == 2,
              f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}"),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.max_grad_norm is None or 0 <= self.max_grad_norm < math.inf,
-             f"max_grad_norm must be None or 0 (no clipping) or a finite number > 0, got {self.max_grad_norm}"),
             (SEED_RANGE[0] <= self.seed < SEED_RANGE[1], f"seed must be an integer in [0, 2**32), got {self.seed}"),
-            (0.0 <= self.validation_fraction < 1.0, f"validation_fraction must be in [0, 1), got {self.validation_fraction}"),
             (not (self.validation_file and self.validation_fraction),
              "give validation_file or validation_fraction, not both"),
-            (self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.keep_last is None or self.keep_last >= 1, f"keep_last must be >= 1 or None, got {self.keep_last}"),
             (min(self.eval_every, self.save_every, self.eval_samples, self.warmup_steps) >= 0,
              "eval_every, save_every, eval_samples and warmup_steps must be >= 0"),
@@ -173,14 +165,29 @@ class TrainConfig:
                 raise ValueError(f"{name}: head name(s) {odd} contain ',' or ':' or start or end with a space; the "
                                  f"command line could not name them (--heads a,b / --head NAME:key=value): "
                                  f"rename them")
-        bad = {h: w for h, w in (self.loss_weights or {}).items()
-               if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0)}
+        bad = {h: w for h, w in (self.loss_weights or {}).items() if not _float_ok(f"loss_weights[{h!r}]", w, 0.0)}
         if bad:
             raise ValueError(f"loss_weights must be finite numbers >= 0: {bad}")
         if model is not None:
             self._check_against(model, device, world)
         if validation is not None:
             self._check_validation(model, validation)
+
+    def _check_floats(self) -> None:
+        """Every float setting by the one rule of `_checks.float_setting` (finite in float32, in its range;
+        a learning rate, adam_eps or a clipping norm a normal float32: in float32 1e-320 is 0, 1e39 inf)."""
+        for name, (low, high, low_open, high_open, allowed) in _FLOAT_SETTINGS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                setattr(self, name, float_setting(name, value, low, high, low_open=low_open, high_open=high_open,
+                                                  normal=name in _SCALES))
+            except ValueError as e:
+                reason = str(e).partition("is out of range: ")[2]
+                raise ValueError(f"{name} must be {allowed}, got {value!r} ({reason})") from None
+        if not all(_float_ok("adam_betas", b, 0.0, 1.0, high_open=True) for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
 
     def _check_against(self, model: GPT2, device: torch.device, world: int) -> None:
         names = list(model.head_names)
@@ -257,6 +264,30 @@ class TrainConfig:
 
 
 
+# name -> (low, high, low open?, high open?, the domain in words)
+_FLOAT_SETTINGS = {
+    "learning_rate": (0.0, math.inf, True, False, "finite and > 0"),
+    "weight_decay": (0.0, math.inf, False, False, "finite and >= 0"),
+    "adam_eps": (0.0, math.inf, True, False, "finite and > 0"),
+    "min_lr_ratio": (0.0, 1.0, False, False, "in [0, 1]"),
+    "max_grad_norm": (0.0, math.inf, False, False, "None or 0 (no clipping) or a finite number > 0"),
+    "validation_fraction": (0.0, 1.0, False, True, "in [0, 1)"),
+    "dropout": (0.0, 1.0, False, True, "in [0, 1)"),
+    "epochs": (0.0, math.inf, True, False, "finite and > 0"),
+}
+
+
+_SCALES = ("learning_rate", "adam_eps", "max_grad_norm")  # scale or divide float32 updates: normal float32s
+
+
+def _float_ok(name, value, low, high=math.inf, *, high_open=False) -> bool:
+    try:
+        float_setting(name, value, low, high, high_open=high_open)
+    except ValueError:
+        return False
+    return True
+
+
 def _no_duplicate_keys(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -305,13 +336,14 @@ def parse_set(items) -> dict:
     """`--set KEY=VALUE` items -> {key: value}: the one grammar of both training command lines
     (`gpt2mh train`). VALUE is JSON where it parses as JSON (numbers,
     true/false/null, lists, objects), else the text itself (`--set base=rinna/japanese-gpt2-small`)."""
-    out = {}
+    sources = []  # each item its own source: a key set twice must say one value (`merge_settings`)
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         try:
-            out[key.strip()] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+            parsed = value
+        sources.append((lambda k, v, item=item: f"--set {item}", {key.strip(): parsed}))
+    return merge_settings(sources)

@@ -190,8 +190,21 @@ def _format(path: Path, format: str | None) -> str:
     return fmt
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
+def read_lines(path: Path | None = None, data: bytes | None = None, name: str | None = None) -> list[tuple[int, str]]:
+    """A text input of one item per line (`gpt2mh generate --file FILE` or stdin) -> (line number, text) of
+    its non-blank lines, read as data files are: UTF-8 bytes (never the locale's encoding, stdin too), a
+    UTF-8 BOM dropped, lines split at "\n" only ("\r\n" tolerated; U+2028, U+0085, form feeds and lone
+    "\r" are text), line numbers counted from 1 over every physical line (blank ones too), the numbers
+    `_decode`'s errors give. `name` labels stdin in messages."""
+    text = _decode(path, data, name)
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _decode(path: Path | None, data: bytes | None = None, name: str | None = None) -> str:
+    if data is None:
+        data = path.read_bytes()
+    path = name or path
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[start:].decode("utf-8")
@@ -204,7 +217,9 @@ def _decode(path: Path) -> str:
             f"{path}: line {line}: not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} "
             f"(column {offset - line_start + 1})"
         )
-        raise DataError(msg + _encoding_hint(data, start, offset, data[line_start:line_end])) from None
+        err = DataError(msg + _encoding_hint(data, start, offset, data[line_start:line_end]))
+        err.offset = offset  # the byte position, for callers that word the message their own way
+        raise err from None
 
 
 def _encoding_hint(data: bytes, start: int, offset: int, line_bytes: bytes) -> str:

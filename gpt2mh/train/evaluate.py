@@ -85,16 +85,47 @@ def head_limits(max_new_tokens: int | Mapping[str, int], names: Sequence[str]) -
     return {h: int(max_new_tokens) for h in names}
 
 
-def score_predictions(predictions: dict[str, list[str]], examples: Sequence[Example]) -> dict[str, float]:
+def score_predictions(predictions: dict[str, list[str]], examples: Sequence[Example],
+                      tokenizer=None) -> dict[str, float]:
     """Per head exact match and character accuracy (1 - edit distance / reference length) over the
-    examples that have a reference for that head."""
+    examples that have a reference for that head. With the tokenizer, each reference is first put in
+    the form the tokenizer gives every output (`reachable`): "ＡＢＣ" or "ｶﾞ" can never be generated."""
     metrics = {}
     for head, preds in predictions.items():
         pairs = [(p, ex.targets[head]) for p, ex in zip(preds, examples) if head in ex.targets]
+        if tokenizer is not None:
+            pairs = [(p, reachable(tokenizer, r)) for p, r in pairs]
         if pairs:
             metrics[f"{head}/exact_match"] = sum(exact_match(p, r) for p, r in pairs) / len(pairs)
             metrics[f"{head}/char_accuracy"] = sum(char_accuracy(p, r) for p, r in pairs) / len(pairs)
     return metrics
+
+
+def reachable(tokenizer, text: str) -> str:
+    """The text as the tokenizer outputs it: decode(encode(text)) — lowercased, NFKC-normalised (full-width
+    and half-width forms folded), whitespace collapsed, unknown characters dropped."""
+    return tokenizer.decode(tokenizer.encode(text, add_eos=False))
+
+
+_WARNED: set[str] = set()  # data files already reported by warn_unreachable
+
+
+def warn_unreachable(tokenizer, examples: Sequence[Example], heads: Sequence[str]) -> int:
+    """Log once per data file how many references the tokenizer can never produce as they are written
+    (they are scored in the tokenizer's form); returns that count for these examples."""
+    per_file: dict[str, int] = {}
+    for ex in examples:
+        n = sum(1 for h in heads if h in ex.targets and reachable(tokenizer, ex.targets[h]) != ex.targets[h])
+        if n:
+            file = ex.source.rpartition(":")[0] or ex.source
+            per_file[file] = per_file.get(file, 0) + n
+    for file, n in per_file.items():
+        if file not in _WARNED:
+            _WARNED.add(file)
+            logger.warning("%s: %d reference(s) hold text the tokenizer never outputs as written (capitals, "
+                           "full/half-width forms, ...); they are scored in the tokenizer's form "
+                           "(lowercased, NFKC)", file, n)
+    return sum(per_file.values())
 
 
 def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads: Sequence[str] | None = None, *,
@@ -139,7 +170,8 @@ def evaluate(model: MultiHeadGPT2, tokenizer, examples: Sequence[Example], heads
                 if predictions is None:
                     predictions = generate_predictions(model, tokenizer, sample, names, max_new_tokens,
                                                        batch_size * 4, progress)
-                metrics.update(score_predictions(predictions, sample))
+                warn_unreachable(tokenizer, sample, names)
+                metrics.update(score_predictions(predictions, sample, tokenizer))
                 metrics["samples"] = len(sample)
                 for key in ("exact_match", "char_accuracy"):
                     vals = [v for k, v in metrics.items() if k.endswith("/" + key)]

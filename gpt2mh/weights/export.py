@@ -1,8 +1,9 @@
 """One head -> a plain transformers `GPT2LMHeadModel` folder (config, safetensors, rinna's tokenizer files).
 
-The folder loads with `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`
-(the fast tokenizer, from tokenizer.json: written when the optional `tokenizers` package is installed) or
-`AutoTokenizer.from_pretrained(out, use_fast=False)`, and back into gpt2mh as a one-head ("lm") model.
+The folder loads with `AutoModelForCausalLM.from_pretrained(out)` and, for gpt2mh's ids,
+`AutoTokenizer.from_pretrained(out, use_fast=False)` with `do_lower_case = True` set after loading (as
+rinna's model card says); and back into gpt2mh as a one-head ("lm") model. No tokenizer.json is written:
+no fast tokenizer gives SentencePiece's ids (`FAST_TOKENIZER_GAP`).
 It is built in a temporary sibling folder and renamed into place, so a crash never leaves a mix of
 two exports or a half-written file (at worst, between moving an old export aside and renaming the new
 one in, the old one is left in a hidden `.<name>.old.*.tmp` sibling; see gpt2mh/atomic.py)."""
@@ -24,7 +25,15 @@ from .hub import resolve_model
 EXPORT_KEY = "gpt2mh_export"  # safetensors metadata of an export: the head it came from
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_JSON = "tokenizer.json"  # written by gpt2mh < issue 28: a previous export may hold one
+# Why the export writes the slow tokenizer's files only. The `tokenizers` library's `Precompiled`
+# normalizer (the one transformers' T5 converter uses for spiece.model's NFKC map) normalises per grapheme
+# cluster, where SentencePiece matches the map's longest prefix: "か" + U+3099 (combining dakuten) and
+# half-width "ｶﾞ" stay two pieces instead of "が" / "ガ", and a mapped character followed by a combining
+# mark loses the mark. No other normaliser in `tokenizers` reproduces the map, so a fast tokenizer would
+# give other ids than gpt2mh on such text (tests/weights/test_export.py searches for these).
+FAST_TOKENIZER_GAP = ("transformers' fast tokenizer does not normalise Japanese as SentencePiece does "
+                      "(combining dakuten, half-width kana): load the slow one")
 EXPORT_FILES = frozenset({CONFIG_JSON, SAFETENSORS, "spiece.model", TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP,
                           TOKENIZER_JSON})
 
@@ -100,7 +109,8 @@ def check_tokenizer(model: GPT2, tokenizer) -> None:
 
 
 def write_tokenizer(tokenizer, model_max_length: int, folder: Path) -> None:
-    """spiece.model + the files that make transformers build rinna's slow T5Tokenizer.
+    """spiece.model + the files that make transformers build rinna's slow T5Tokenizer (no tokenizer.json:
+    see FAST_TOKENIZER_GAP).
 
     `do_lower_case` is written as rinna's hub config has it, but transformers 4.57 ignores it on load
     (T5Tokenizer has no such argument; it only lands in `init_kwargs`): set
@@ -112,79 +122,6 @@ def write_tokenizer(tokenizer, model_max_length: int, folder: Path) -> None:
                   additional_special_tokens=[], model_max_length=model_max_length, **specials)
     atomic_write_text(folder / TOKENIZER_CONFIG, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(folder / SPECIAL_TOKENS_MAP, json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
-    fast = fast_tokenizer_json(tokenizer)
-    if fast is not None:
-        atomic_write_text(folder / TOKENIZER_JSON, fast)
-
-
-def fast_tokenizer_json(tokenizer) -> str | None:
-    """tokenizer.json for transformers' fast tokenizer: what transformers' T5 converter builds from
-    spiece.model (Unigram pieces and scores, the model's own NFKC charsmap, Metaspace, `$A </s>`), with
-    rinna's lowercasing first, which the slow tokenizer forgets on load. Same ids as gpt2mh.Tokenizer on
-    capitals, full-width text and digits (tests/test_export.py); one known difference: a special string
-    typed in capitals ("<S>") is matched after lowercasing by gpt2mh only. None when the optional
-    `tokenizers` package is not installed (gpt2mh does not need it)."""
-    try:
-        from tokenizers import (
-            AddedToken,
-            Regex,
-            decoders,
-            normalizers,
-            pre_tokenizers,
-            processors,
-        )
-        from tokenizers import Tokenizer as FastTokenizer
-        from tokenizers.models import Unigram
-    except ImportError:
-        return None
-    fast = FastTokenizer(Unigram(tokenizer.pieces(), unk_id=tokenizer.unk_id, byte_fallback=False))
-    charsmap = spm_charsmap(tokenizer.model_proto)
-    fast.normalizer = normalizers.Sequence(
-        [normalizers.Lowercase()] + ([normalizers.Precompiled(charsmap)] if charsmap else [])
-        + [normalizers.Strip(left=False, right=True), normalizers.Replace(Regex(" {2,}"), "▁")])
-    fast.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    fast.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    fast.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                        special_tokens=[("</s>", tokenizer.eos_id)])
-    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
-    fast.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
-    return fast.to_str(pretty=True)
-
-
-def spm_charsmap(proto: bytes) -> bytes:
-    """NormalizerSpec.precompiled_charsmap of a SentencePiece model (ModelProto field 3, its field 2),
-    read from the protobuf wire format: no protobuf package needed."""
-    for number, value in proto_fields(proto):
-        if number == 3:
-            return next((bytes(v) for n, v in proto_fields(value) if n == 2), b"")
-    return b""
-
-
-def proto_fields(data: bytes):
-    """(field number, value) of one protobuf message; length-delimited values as bytes."""
-    def varint(i: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = data[i]
-            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
-            if byte < 0x80:
-                return value, i
-
-    i = 0
-    while i < len(data):
-        key, i = varint(i)
-        kind = key & 7
-        if kind == 0:
-            value, i = varint(i)
-        elif kind in (1, 5):  # fixed 64 / 32 bits
-            size = 8 if kind == 1 else 4
-            value, i = data[i:i + size], i + size
-        elif kind == 2:
-            size, i = varint(i)
-            value, i = data[i:i + size], i + size
-        else:
-            raise ValueError(f"not a SentencePiece model: protobuf wire type {kind}")
-        yield key >> 3, value
 
 
 # ---- the target folder ------------------------------------------------------------------------

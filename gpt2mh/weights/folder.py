@@ -58,9 +58,8 @@ def load_model(folder: Path, heads: Sequence[str] | None = None, device=None,
     """A HF GPT-2 folder or a gpt2mh checkpoint folder -> a `cls` model (eval mode).
 
     cls: the network `GPT2`, or a subclass (`gpt2mh.MultiHeadGPT2.from_pretrained` passes itself)."""
+    heads, device, dtype = check_load_args(heads, device, dtype)
     folder = Path(folder)
-    device = check_device(device)
-    dtype = check_dtype(dtype)
     config = GPT2Config.from_json(folder / CONFIG_JSON)
     meta = read_meta(folder)
     files = weight_files(folder)
@@ -141,30 +140,75 @@ def warn_heads_changed(folder: Path, saved: list[str], names: Sequence[str]) -> 
                       f"untrained, as copies of the pretrained LM head", HeadsWarning, stacklevel=4)
 
 
+def check_load_args(heads=None, device=None, dtype=None, *, revision=None, quantize=None, src=None):
+    """Every argument of from_pretrained / load_model, checked and named before any file is read (a wrong
+    kind of argument would otherwise surface as an error about the checkpoint). Returns (heads, device,
+    dtype) in their checked forms."""
+    if heads is not None:
+        heads = check_head_names(heads)  # "lm" is one name; [], [""], duplicates and non-strings are named
+    device, dtype = check_device(device), check_dtype(dtype)
+    if revision is not None:
+        if not isinstance(revision, str) or not revision.strip():
+            raise ValueError(f"revision={revision!r} must be a branch, tag or commit hash of a hub repo (a "
+                             f"non-empty str), or None")
+        if src is not None and isinstance(src, (str, os.PathLike)) and Path(src).expanduser().is_dir():
+            raise ValueError(f"revision={revision!r} pins a commit of a hub repo, but {src} is a local folder "
+                             f"(it would be ignored); leave revision out")
+    if quantize not in (None, False, "int8"):
+        raise ValueError(f"quantize={quantize!r}: supported are 'int8' and None (fp32)")
+    if quantize == "int8" and (device.type != "cpu" or dtype not in (None, torch.float32)):
+        raise ValueError(f"quantize='int8' needs a CPU float32 model, but device={str(device)!r}, dtype={dtype}: "
+                         f"int8 kernels are CPU-only here")
+    return heads, device, dtype
+
+
 def check_device(device) -> torch.device:
-    try:
-        device = torch.device(device or "cpu")
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"device={device!r} is not usable here ({reason}); pass device='cpu' or a device "
-                         f"this torch build has (torch.cuda.is_available() is {torch.cuda.is_available()})") from None
-    return device
+    """None: the CPU. A torch.device, a device string ('cpu', 'cuda:1') or a CUDA index (0 = 'cuda:0'),
+    usable in this torch build; bools, floats, '' and the 'meta' device (no data) are refused by name."""
+    if device is None:
+        return torch.device("cpu")
+    ok_kind = isinstance(device, (str, torch.device)) or isinstance(device, int) and not isinstance(device, bool)
+    reason = "" if ok_kind else f"a {type(device).__name__} is not a device"
+    if ok_kind:
+        try:
+            dev = torch.device(device)
+            if dev.type == "meta":
+                raise RuntimeError("the meta device holds no data")
+            torch.empty(0, device=dev)
+            return dev
+        except (RuntimeError, AssertionError, TypeError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(f"device={device!r} is not usable here ({reason}); pass device='cpu' or a device "
+                     f"this torch build has (torch.cuda.is_available() is {torch.cuda.is_available()})")
 
 
-_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32",
+                "fp64": "float64", "double": "float64"}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the network computes in
 
 
 def check_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        found = getattr(torch, _DTYPE_NAMES.get(name, name), None)
-        if isinstance(found, torch.dtype) and found.is_floating_point:
-            return found
-    raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; pass e.g. torch.float16 or "
-                     f"'float16', 'bfloat16', 'float32'")
+    """None (the checkpoint's dtype), one of DTYPES, its name ('float16', 'torch.bfloat16', 'fp16') or a
+    numpy float dtype of the same name; anything else is refused by name."""
+    if dtype is None:
+        return None
+    found = dtype
+    if not isinstance(dtype, torch.dtype):
+        name = dtype if isinstance(dtype, str) else None
+        if type(dtype).__module__.startswith("numpy") or getattr(dtype, "__module__", "") == "numpy":
+            try:
+                import numpy as np
+
+                name = np.dtype(dtype).name
+            except TypeError:
+                name = None
+        if name is not None:
+            name = name.removeprefix("torch.")
+            found = getattr(torch, _DTYPE_NAMES.get(name, name), None)
+    if isinstance(found, torch.dtype) and found in DTYPES:
+        return found
+    raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype gpt2mh computes in; pass one of "
+                     f"torch.float32, torch.float16, torch.bfloat16, torch.float64 (or its name: 'float16', ...)")
 
 
 def save_model(model: GPT2, folder: str | Path, tokenizer=None) -> Path:

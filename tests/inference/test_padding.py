@@ -138,3 +138,79 @@ def test_prompt_batch_left_aligns_and_keeps_order():
     got_ids, got_mask = prompt_batch(ids, mask, 10, side="right")
     assert got_ids.tolist() == [[7, 8, 9], [5, 6, 0]] and got_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert got_ids.dtype == torch.long and got_mask.dtype == torch.long
+
+
+# ---- issue 28, class 2: padding is invisible to every processor, also when pad id == EOS id ----------
+# Every control x padding side x what the pad slots hold x pad_token_id: a row of a padded batch gives
+# exactly what it gives alone. The pad slots hold the pad id, the EOS id (GPT-2's usual pad), or the
+# row's own continuation (a processor that read padding as text would then ban or penalise the very
+# tokens the row makes). Sampling: the row alone is run in a batch of copies of itself, so its stream
+# draws the same noise as in the padded batch (noise is per stream).
+PAD_CONTROLS = {
+    "greedy": {},
+    "repetition_penalty": dict(repetition_penalty=3.0),
+    "repetition_penalty<1": dict(repetition_penalty=0.3),
+    "no_repeat_ngram_1": dict(no_repeat_ngram_size=1),
+    "no_repeat_ngram_2": dict(no_repeat_ngram_size=2),
+    "no_repeat_ngram_3": dict(no_repeat_ngram_size=3),
+    "bad_words": "bad_words",  # built per batch: (EOS, row 1's prompt, row 1's first token) and (PAD, that token)
+    "min_new_tokens": dict(min_new_tokens=NEW),
+    "sample": dict(do_sample=True, temperature=0.7),
+    "sample_top_k": dict(do_sample=True, top_k=5),
+    "sample_top_p_min_p": dict(do_sample=True, top_p=0.8, min_p=0.05),
+    "sample_typical": dict(do_sample=True, typical_p=0.7, repetition_penalty=1.3),
+    "return_sequences": dict(do_sample=True, num_return_sequences=2, no_repeat_ngram_size=2),
+}
+
+
+@pytest.fixture(scope="module")
+def eos_pad_model():
+    from gpt2mh import GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=60, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=EOS)
+    m = MultiHeadGPT2(cfg, ["lm", "other"]).eval()  # pad_token_id None: padding with EOS, as GPT-2 does
+    with torch.no_grad():
+        m.heads.normal_(0.0, 0.3)  # a small vocabulary and sharp heads: outputs repeat, so bans show
+    return m
+
+
+@pytest.mark.parametrize("control", list(PAD_CONTROLS))
+@pytest.mark.parametrize("pad_token_id", [None, PAD])
+def test_every_control_sees_a_padded_row_as_unpadded(eos_pad_model, control, pad_token_id):
+    model = eos_pad_model
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(4, 60, (n,), generator=g) for n in (5, 2, 7, 3)]
+    kw = dict(max_new_tokens=NEW, compile=False, seed=3)
+    if pad_token_id is not None:
+        kw["pad_token_id"] = pad_token_id
+    controls = PAD_CONTROLS[control]
+
+    def alone(b, ctl):
+        ids = rows[b][None].expand(len(rows), -1)  # copies: stream b draws the noise it draws in the batch
+        return model.generate(ids, **ctl, **kw)
+
+    if controls == "bad_words":
+        first = int(alone(1, {})["lm"][0, 0])
+        controls = dict(bad_words_ids=[[EOS, *rows[1].tolist(), first], [PAD, first], [EOS, first]])
+    want = {b: alone(b, controls) for b in range(len(rows))}
+    R = controls.get("num_return_sequences", 1)
+    T = 9
+    for side in ("left", "right", "mixed"):
+        for fill in ("pad", "eos", "own"):
+            ids, mask = padded(rows, side, width=T)
+            for b in range(len(rows)):
+                own = want[b]["lm"][b * R].tolist() * T
+                slot = {"pad": PAD, "eos": EOS}.get(fill)
+                ids[b][mask[b] == 0] = torch.tensor(own[: int((mask[b] == 0).sum())]) if slot is None else slot
+            got = model.generate(ids, mask, **controls, **kw)
+            for head in got:
+                for b in range(len(rows)):
+                    sl = slice(b * R, (b + 1) * R)
+                    a, w = got[head][sl], want[b][head][sl]
+                    n = max(a.size(1), w.size(1))  # trailing columns differ only by batch-level trimming
+                    a = torch.nn.functional.pad(a, (0, n - a.size(1)), value=-1)
+                    w = torch.nn.functional.pad(w, (0, n - w.size(1)), value=-1)
+                    pad_out = pad_token_id if pad_token_id is not None else EOS
+                    same = torch.where(a == -1, pad_out, a).equal(torch.where(w == -1, pad_out, w))
+                    assert same, (control, side, fill, head, b, got[head][sl].tolist(), want[b][head][sl].tolist())

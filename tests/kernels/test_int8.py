@@ -118,3 +118,62 @@ def test_int8_compiled_decoding_matches_eager(model, monkeypatch):
     assert len(set(calls)) == n_linears  # every trunk linear and head went through the int8 op
     agree = torch.cat([(compiled[k] == eager[k]).flatten() for k in eager]).float().mean()
     assert agree >= 0.9
+
+
+# ---- issue 28, class 9: weights changed after quantize, by any route ---------------------------------
+# Every route that writes a parameter (some bump its version counter, some bypass it: `.data` writes,
+# numpy views) x every kind of int8 parameter (a trunk weight, a trunk bias, the heads). After the write the
+# changed layer must compute in fp32 from the new values and the others stay int8: the model must equal a
+# fresh quantize of the changed weights with that one layer in fp32, for model(ids), score and generate;
+# compiled generation must name it. Never the stale int8 copy mixed with the new fp32 values.
+def _write(route: str, p: torch.Tensor, new: torch.Tensor) -> None:
+    if route == "data.copy_":
+        p.data.copy_(new)
+    elif route == "data.add_":
+        p.data.add_(new - p.data)
+    elif route == "data[index]":
+        p.data[0] = new[0]
+    elif route == "no_grad.copy_":
+        with torch.no_grad():
+            p.copy_(new)
+    elif route == "data =":
+        p.data = new.clone()
+    elif route == "detach().copy_":
+        p.detach().copy_(new)
+    elif route == "numpy view":
+        p.detach().numpy()[...] = new.numpy()
+    elif route == "init.normal_":
+        torch.manual_seed(5)
+        torch.nn.init.normal_(p)
+        new.copy_(p.detach())
+    else:
+        raise AssertionError(route)
+
+
+ROUTES = ["data.copy_", "data.add_", "data[index]", "no_grad.copy_", "data =", "detach().copy_", "numpy view",
+          "init.normal_"]
+TARGETS = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.bias", "heads"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_weight_changed_after_quantize_never_mixes_with_its_stale_int8_copy(model, route, target):
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(1))
+    model.quantize("int8")
+    p = dict(model.named_parameters())[target]
+    new = p.detach().clone() * 1.5 + 0.01
+    _write(route, p, new)
+    ref = copy.deepcopy(model).quantize("int8")  # the new values; then only the changed layer back to fp32
+    if target == "heads":
+        ref.int8_heads.version = -1
+    else:
+        ref.get_submodule(target.rsplit(".", 1)[0]).kernel = None
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids)), (route, target)
+    assert torch.equal(model.score(ids, None, ids[:, :3]), ref.score(ids, None, ids[:, :3])), (route, target)
+    kw = dict(compile=False, max_new_tokens=4, min_new_tokens=4)
+    got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
+    assert all(torch.equal(got[h], want[h]) for h in got), (route, target)
+    with pytest.raises(ValueError, match=r"weights changed since quantize\('int8'\) \(" +
+                       ("heads" if target == "heads" else target.rsplit(".", 1)[0].replace(".", r"\."))):
+        model.generate(ids, compile=True, max_new_tokens=2)
