@@ -11,6 +11,7 @@ _LAZY = {
     "SamplingConfig": "inference.controls",
     "generate": "inference.generate",
     "generate_text": "inference.generate",
+    "generate_rows": "inference.generate",
     "stream": "inference.generate",
     "score": "inference.score",
     "score_text": "inference.score",

@@ -146,6 +146,8 @@ def test_python_blocks(tmp_path, hf_checkpoint, rinna_spiece):
         if "stream(" in code:  # {head: the streamed pieces joined}
             pieces = ast.literal_eval(printed[-1])
             assert set(pieces) == set(HEADS) and all(isinstance(v, str) for v in pieces.values())
+        if "generate_rows(" in code:  # every input once, whatever the completion order
+            assert printed[-1] == "100 True", printed
         if "score_text(" in code:  # the tuned model's heads, then {head: [log p]}
             assert ast.literal_eval(printed[0]) in (HEADS, list(HEADS))
             scores = ast.literal_eval(printed[-1])
@@ -243,6 +245,11 @@ def test_readme_command(readme_runs, line, cmd):
         rows = [json.loads(r) for r in out.splitlines()]
         assert [r["input"] for r in rows] == (cwd / "inputs.txt").read_text(encoding="utf-8").split()
         assert all(list(r) == ["input", *HEADS] for r in rows)
+    elif sub == "generate" and "--output" in cmd:  # JSON lines in input order, each with its line number
+        rows = [json.loads(r) for r in (cwd / cmd[cmd.index("--output") + 1]).read_text(encoding="utf-8").splitlines()]
+        assert [r["input"] for r in rows] == (cwd / "inputs.txt").read_text(encoding="utf-8").split()
+        assert [r["line"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all(list(r) == ["line", "input", *HEADS] for r in rows)
     elif sub == "generate" and "--stream" in cmd:
         lines = out.splitlines()  # the plain layout, streamed: the input, then one line per head
         assert len(lines) == 1 + len(HEADS) and [line.split(":")[0].strip() for line in lines[1:]] == list(HEADS)

@@ -63,6 +63,8 @@ def generate_predictions(model: MultiHeadGPT2, tokenizer, examples: Sequence[Exa
                          f"(n_positions={model.config.n_positions})")
     per_head = {h: {"max_new_tokens": min(limits[h], room)} for h in names}
     out = {h: [None] * len(texts) for h in names}
+    if progress:
+        logger.info("evaluation: generating examples 1-%d of %d", len(texts), len(texts))
     last_log, done = time.monotonic(), 0
     for i, got in generate_rows(model, tokenizer, texts, names, per_head=per_head, compile=False,
                                 slots=batch_size * len(names), eos_token_id=tokenizer.eos_id,
