@@ -46,6 +46,7 @@ from .decode import (
 from .sampling import stream_key
 
 PREFILL_BATCH = 16  # inputs prefilled together at most (one trunk pass)
+GROW_BUCKET = 64  # a cache that must grow grows by at least this many positions
 
 
 @dataclass
@@ -334,10 +335,12 @@ class Engine:
         return self.configs[0]
 
     def _grow(self, prompt_len: int, max_new: int) -> None:
-        """Longer prompts or budgets than the cache holds: reallocate it larger (keeping its contents)."""
-        Tp, G = max(self.Tp, prompt_len), max(self.G, max_new)
-        if (Tp, G) == (self.Tp, self.G):
+        """Longer prompts or budgets than the cache holds: reallocate it larger (keeping its contents),
+        by GROW_BUCKET at least, so a file of growing prompt lengths reallocates (and recompiles) rarely."""
+        if prompt_len <= self.Tp and max_new <= self.G:
             return
+        Tp = self.Tp if prompt_len <= self.Tp else max(prompt_len, self.Tp + GROW_BUCKET)
+        G = self.G if max_new <= self.G else max(max_new, self.G + GROW_BUCKET)
         for block in self.model.transformer.h:
             old = block.attn.kv_cache
             c = self.model.config
