@@ -147,7 +147,7 @@ class Engine:
         self.free_rows = deque(range(self.P))
         self.configs: list[SamplingConfig] = []  # every config seen: the plan covers them all
         self.was_live = [False] * S
-        self.step_fn = compiled_decode_step(model_device_type(self.model)) if self.compile else decode_one_token
+        self.step_fn = compiled_decode_step(self.model.device.type) if self.compile else decode_one_token
 
     def _loop(self, requests, tokens: bool) -> Iterator[Result | Tokens]:
         waiting: deque[Request] = deque()
@@ -316,7 +316,7 @@ class Engine:
     # ---- per-slot tensors -------------------------------------------------------------------------
     def _layout_changed(self) -> None:
         dev = self.model.device
-        cfgs = [c if c is not None else self._idle_config() for c in self.slot_cfg]
+        cfgs = [c if c is not None else self.configs[0] for c in self.slot_cfg]  # an idle slot: any config
         self.controls, self.plan = self._controls(cfgs)
         self.where = Decode(gen_pos=self.state.n_gen, grid=torch.tensor(self.grid, device=dev),
                             cell=torch.tensor(self.cell, device=dev), prompt_valid=self.prompt_valid)
@@ -330,9 +330,6 @@ class Engine:
                 self.configs.append(c)
         which = [self.configs.index(c) for c in cfgs]
         return build_controls(self.configs, which, self.model.config.vocab_size, self.model.device)
-
-    def _idle_config(self) -> SamplingConfig:
-        return self.configs[0]
 
     def _grow(self, prompt_len: int, max_new: int) -> None:
         """Longer prompts or budgets than the cache holds: reallocate it larger (keeping its contents),
@@ -390,10 +387,6 @@ def selected_heads(model: GPT2, idx: list[int]) -> Tensor:
         torch._dynamo.mark_static_address(sel)
         model._head_subset = (key, sel)
     return model._head_subset[1]
-
-
-def model_device_type(model: GPT2) -> str:
-    return model.device.type
 
 
 def group_sizes(names: Sequence[str], slots: int | Mapping[str, int], returns: Sequence[int],

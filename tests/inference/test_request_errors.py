@@ -18,23 +18,9 @@ def model():
     return MultiHeadGPT2(GPT2Config(**CFG), ["a", "b"]).eval()
 
 
-@pytest.fixture
-def tuned(tmp_path):
-    """A 'fine-tuned' two-head checkpoint: heads differ from the wte copy."""
-    torch.manual_seed(0)
-    m = MultiHeadGPT2(GPT2Config(**CFG), ["a", "b"])
-    with torch.no_grad():
-        m.heads.add_(torch.randn_like(m.heads))
-    m.save_pretrained(tmp_path / "ckpt")
-    return m, tmp_path / "ckpt"
-
-
 def gen(model, ids=None, **kw):
     ids = torch.tensor([[5, 6, 7]]) if ids is None else ids
     return model.generate(ids, compile=False, **{"max_new_tokens": 3, **kw})
-
-
-# ---- fine-tuned heads are never dropped in silence ------------------------------------------------------
 
 
 def test_temperature_inf_is_refused(model):

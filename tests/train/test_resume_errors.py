@@ -6,38 +6,12 @@ import json
 import pytest
 import torch
 
-from gpt2mh import GPT2Config, MultiHeadGPT2
 from gpt2mh.train.checkpoint import load_training_state
 from gpt2mh.train.data import DataError, read_examples
 
 V, EOS, PAD = 101, 2, 3
 CFG = dict(vocab_size=V, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=EOS,
            pad_token_id=PAD)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return MultiHeadGPT2(GPT2Config(**CFG), ["a", "b"]).eval()
-
-
-@pytest.fixture
-def tuned(tmp_path):
-    """A 'fine-tuned' two-head checkpoint: heads differ from the wte copy."""
-    torch.manual_seed(0)
-    m = MultiHeadGPT2(GPT2Config(**CFG), ["a", "b"])
-    with torch.no_grad():
-        m.heads.add_(torch.randn_like(m.heads))
-    m.save_pretrained(tmp_path / "ckpt")
-    return m, tmp_path / "ckpt"
-
-
-def gen(model, ids=None, **kw):
-    ids = torch.tensor([[5, 6, 7]]) if ids is None else ids
-    return model.generate(ids, compile=False, **{"max_new_tokens": 3, **kw})
-
-
-# ---- fine-tuned heads are never dropped in silence ------------------------------------------------------
 
 
 def test_lone_surrogate_in_jsonl_names_file_line_and_column(tmp_path):

@@ -16,12 +16,6 @@ CFG = dict(vocab_size=V, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_tok
            pad_token_id=PAD)
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return MultiHeadGPT2(GPT2Config(**CFG), ["a", "b"]).eval()
-
-
 @pytest.fixture
 def tuned(tmp_path):
     """A 'fine-tuned' two-head checkpoint: heads differ from the wte copy."""
@@ -31,11 +25,6 @@ def tuned(tmp_path):
         m.heads.add_(torch.randn_like(m.heads))
     m.save_pretrained(tmp_path / "ckpt")
     return m, tmp_path / "ckpt"
-
-
-def gen(model, ids=None, **kw):
-    ids = torch.tensor([[5, 6, 7]]) if ids is None else ids
-    return model.generate(ids, compile=False, **{"max_new_tokens": 3, **kw})
 
 
 # ---- fine-tuned heads are never dropped in silence ------------------------------------------------------
