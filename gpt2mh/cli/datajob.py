@@ -4,8 +4,11 @@
   all of its heads have finished, so a run killed at any moment keeps every row it finished;
   `--resume` continues it, skipping the lines already in OUT (a torn last line is cut off first).
   When every line is done, OUT is rewritten in input order.
+- IN is text, one input per line, or (IN ending in .jsonl) `{"input": ..., "heads": [...]}` per line,
+  each row naming the heads it wants (rows wanting different heads share the engine's slots).
 - A bad row never sinks the run: an empty line, a line that is not UTF-8, a line longer than the
-  context gets `{"line": n, "error": "..."}`; the summary counts them and the exit code is 3.
+  context, a bad JSON row or an unknown head gets `{"line": n, "error": "..."}`; the summary counts
+  them and the exit code is 3.
 - Progress: a tqdm bar on a terminal (rows/s, tokens/s, ETA), else a log line every 15 s.
 - Past one process: under `torchrun --nproc-per-node P -m gpt2mh generate ...` rank r takes the
   lines n with (n - 1) % P == r into its own part (OUT.rank<r>-of-<P>), resumable the same way; at
@@ -47,6 +50,20 @@ def read_lines(stream: BinaryIO) -> Iterator[tuple[int, str | None, str | None]]
             yield n, None, f"not UTF-8 text ({e.reason} at byte {e.start})"
             continue
         yield (n, None, "empty line") if not text.strip() else (n, text, None)
+
+
+def json_row(line: str) -> tuple[str | None, list[str] | None, str | None]:
+    """A line of a .jsonl input: {"input": text, "heads": [names]?} -> (text, heads or None, error)."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        return None, None, f"not a JSON object ({e})"
+    if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not row["input"].strip():
+        return None, None, 'expected {"input": "text", "heads": ["name", ...]} (heads optional)'
+    heads = row.get("heads")
+    if heads is not None and (not isinstance(heads, list) or not heads or not all(isinstance(h, str) for h in heads)):
+        return None, None, f'"heads" must be a non-empty list of head names, got {heads!r}'
+    return row["input"], heads, None
 
 
 def finished_lines(out: Path) -> set[int]:
@@ -131,15 +148,20 @@ def run_file_job(args, model, tok, heads, kwargs) -> None:
     pending: dict[int, str] = {}  # line -> input text, for rows in flight
     errors: list[int] = []
 
-    def rows() -> Iterator[tuple[int, str]]:
+    jsonl = bool(args.file) and args.file.endswith(".jsonl")
+
+    def rows() -> Iterator[tuple]:
         for n, text, error in read_lines(source):
             if (n - 1) % dist.world != dist.rank or n in done:
                 continue
+            want = None
+            if not error and jsonl:
+                text, want, error = json_row(text)
             if error:
                 write({"line": n, "error": error})
                 continue
             pending[n] = text
-            yield n, text
+            yield (n, text) if want is None else (n, text, want)
 
     with open(part, "ab") as f:
         def write(record: dict, used: dict | None = None) -> None:

@@ -130,7 +130,7 @@ def add_parsers(add) -> None:
     s.add_argument("text", nargs="*", help="input text(s); else --file or stdin")
     s.add_argument("--model", help="checkpoint folder, training output folder or hub id (default: runs/quickstart)")
     s.add_argument("--revision")
-    s.add_argument("--file", help="one input per line")
+    s.add_argument("--file", help="one input per line, or (.jsonl) {\"input\": ..., \"heads\": [...]} per line")
     s.add_argument("--heads", help="comma-separated subset of heads")
     s.add_argument("--controls", help="controls for all heads, e.g. do_sample=true,temperature=1.5,top_p=0.95")
     s.add_argument("--head", action="append", metavar="NAME:KEY=VALUE,...", help="controls for one head")

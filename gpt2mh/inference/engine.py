@@ -212,7 +212,7 @@ class Engine:
         return live, done + ended, first
 
     def _check(self, req: Request) -> str | None:
-        unknown = [h for h in req.configs if h not in self.names]
+        unknown = [h for h, c in req.configs.items() if h not in self.names or c is None]
         if unknown:
             return f"head(s) {unknown} are not served here (heads: {self.names})"
         if not req.configs:

@@ -27,12 +27,14 @@ from .request import (
 )
 
 
-def _requests(prompts: Iterable[list[int] | tuple[int, list[int]]], names, configs, seed: int) -> Iterator[Request]:
-    """Prompts, or (key, prompt) pairs: the key names the input in results and in its sampling noise."""
+def _requests(prompts: Iterable, names, configs, seed: int) -> Iterator[Request]:
+    """Prompts, (key, prompt) pairs — the key names the input in results and in its sampling noise — or
+    (key, prompt, heads) triples: that input wants only those heads (a head not generated here is an
+    error of that input only)."""
     by_head = dict(zip(names, configs))
     for i, item in enumerate(prompts):
-        key, ids = item if isinstance(item, tuple) else (i, item)
-        yield Request(key, ids, by_head, seed, key)
+        key, ids, want = (item + (None,) if len(item) == 2 else item) if isinstance(item, tuple) else (i, item, None)
+        yield Request(key, ids, by_head if want is None else {h: by_head.get(h) for h in want}, seed, key)
 
 
 def _prompts(model: GPT2, input_ids, attention_mask) -> list[list[int]]:
@@ -124,7 +126,8 @@ def generate_rows(model: GPT2, tokenizer, texts: Iterable[str], heads=None, *, p
                   usage: bool = False, **controls) -> Iterator[tuple]:
     """Any number of strings in, read only as stream slots free up (or (key, string) pairs: the key,
     an int, is returned instead of the position and seeds the row's sampling, so a row samples the
-    same wherever it is in the input); yields (index, {head: text}) in completion order — {head: [texts]} with num_return_sequences > 1 — or (index, error message)
+    same wherever it is in the input; or (key, string, heads) for a row that wants only some of the
+    heads); yields (index, {head: text}) in completion order — {head: [texts]} with num_return_sequences > 1 — or (index, error message)
     for an input that cannot be generated (longer than the context), and goes on with the others.
     usage=True: (index, outputs, {"prompt_tokens": n, head: new tokens}) triples.
     Memory is bounded by `slots` (default: DEFAULT_SLOTS for the device), whatever the count."""
@@ -133,7 +136,7 @@ def generate_rows(model: GPT2, tokenizer, texts: Iterable[str], heads=None, *, p
         raise ValueError("max_length counts the prompt, whose length differs from input to input: "
                          "give max_new_tokens instead")
     n = len(texts) if isinstance(texts, Sequence) and not isinstance(texts, str) else None
-    prompts = ((t[0], encode_input(tokenizer, t[1])) if isinstance(t, tuple) else encode_input(tokenizer, t)
+    prompts = ((t[0], encode_input(tokenizer, t[1]), *t[2:]) if isinstance(t, tuple) else encode_input(tokenizer, t)
                for t in texts)
     rows = _text_rows(model, tokenizer, prompts, n, 64, heads, per_head, compile, seed, generator, slots, controls)
     yield from rows if usage else ((i, out) for i, out, _ in rows)
@@ -151,6 +154,8 @@ def _text_rows(model, tokenizer, prompts, n, width, heads, per_head, compile, se
             continue
         out, used = {}, {"prompt_tokens": r.prompt_tokens}
         for name, c in zip(names, configs):
+            if name not in r.tokens:  # a row that did not ask for this head
+                continue
             decoded = [tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)) for ids in r.tokens[name]]
             out[name] = decoded if c.num_return_sequences > 1 else decoded[0]
             used[name] = sum(len(ids) for ids in r.tokens[name])

@@ -96,3 +96,30 @@ def test_two_ranks_merge_to_the_single_process_output(job):
     assert proc.returncode != 0 and "402 rows, 3 with an error" in proc.stderr, proc.stderr[-3000:]
     assert (job / "ddp.jsonl").read_bytes() == (job / "ref.jsonl").read_bytes()
     assert not list(job.glob("ddp.jsonl.rank*"))  # the parts are merged and removed
+
+
+@pytest.mark.slow  # processes
+def test_jsonl_rows_name_their_heads_and_share_the_slots(job):
+    texts = [f"{n}人が東京に来た。" for n in range(12)]
+    wants = [["tense"], ["entities", "pos"], None, ["pos"]] * 3
+    lines = [json.dumps({"input": t, **({"heads": w} if w else {})}, ensure_ascii=False) for t, w in zip(texts, wants)]
+    lines[5] = json.dumps({"input": texts[5], "heads": ["nope"]})
+    lines[7] = "{not json"
+    (job / "rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (job / "all.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "gpt2mh", "generate", "--model", str(job / "model"), "--max-new-tokens", "6",
+            "--slots", "4"]
+    mixed = subprocess.run([*base, "--file", "rows.jsonl", "--output", "rows-out.jsonl"], cwd=job, env=env,
+                           capture_output=True, text=True, timeout=600)
+    full = subprocess.run([*base, "--file", "all.txt", "--output", "all-out.jsonl"], cwd=job, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert mixed.returncode == 3 and full.returncode == 0, (mixed.stderr[-2000:], full.stderr[-2000:])
+    got, ref = rows(job / "rows-out.jsonl"), rows(job / "all-out.jsonl")
+    assert "not served here" in got[5]["error"] and "JSON" in got[7]["error"]
+    for i, (row, want) in enumerate(zip(got, wants)):
+        if i in (5, 7):
+            continue
+        heads = want or ["tense", "entities", "pos"]
+        assert set(row) == {"line", "input", *heads}
+        assert {h: row[h] for h in heads} == {h: ref[i][h] for h in heads}  # greedy: what the row gets with every head
