@@ -55,11 +55,6 @@ class KVCache(nn.Module):
         k, v = self.update(input_pos, k, v)  # (B, nh, L, hs)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def gather_rows(self, src: torch.Tensor) -> None:
-        # Row s takes the cache of row src[s]: B prefilled prompts fan out to S streams.
-        self.k_cache.copy_(self.k_cache.index_select(0, src))
-        self.v_cache.copy_(self.v_cache.index_select(0, src))
-
 
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config):
@@ -260,10 +255,6 @@ class GPT2(nn.Module):
     def clear_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
-
-    def gather_cache_rows(self, src: torch.Tensor) -> None:
-        for block in self.transformer.h:
-            block.attn.kv_cache.gather_rows(src)
 
     # ---- forward -------------------------------------------------------------------------------
     def hidden(self, input_ids, position_ids, mask=None, input_pos=None) -> torch.Tensor:

@@ -38,13 +38,6 @@ def divide(scores: Tensor, t: Tensor) -> Tensor:
     return torch.where(overflow, shifted, q)
 
 
-def padding_as_no_token(ids: Tensor, mask: Tensor) -> Tensor:
-    """(S, T) prompt ids -> the history the processors read: a left-padding slot t holds -1 - t, an id no
-    token has and no other slot shares, so no processor can read padding as text (pad id == EOS id
-    included): penalties, n-grams and bad words see only each row's own tokens, as unpadded."""
-    return torch.where(mask.bool(), ids, -1 - torch.arange(ids.size(1), device=ids.device))
-
-
 def _mask(ids: Tensor, V: int) -> Tensor:
     """[S, K] token ids -> [S, V] bool presence. Id V means "nothing": it lands in a dropped dump column."""
     return torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)[:, :V]
