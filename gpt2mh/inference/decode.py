@@ -62,9 +62,8 @@ def next_token(logits: Tensor, state: SlotState, key: Tensor, prompt_len: int, c
     scores = processors(logits, state.history, cur, state.n_gen, controls, plan)  # the warpers are in `draw`
     noise = stream_noise(key, state.n_gen, noise_width(plan, logits.size(-1))) if plan.any_sample else None
     nxt = torch.where(state.unfinished, draw(scores, noise, controls, plan), controls.pad)
-    col = cur.clamp(max=state.history.size(1) - 1)[:, None]
-    history = state.history.scatter(1, col, torch.where(state.unfinished[:, None], nxt[:, None],
-                                                        state.history.gather(1, col)))
+    # An ended or idle slot's history is never read again (a new stream brings its own row): no mask.
+    history = state.history.scatter(1, cur.clamp(max=state.history.size(1) - 1)[:, None], nxt[:, None])
     done = (nxt[:, None] == controls.eos).any(-1) | (state.n_gen + 1 >= controls.max_new)
     bad = state.bad | bad_rows(logits, scores, state.unfinished)
     n_gen = state.n_gen + state.unfinished.long()

@@ -113,13 +113,12 @@ def make_engine(model: GPT2, names: list[str], configs: list[SamplingConfig], n_
         sizes = cap
         rows = None
     budgets = {h: c.max_new_tokens for h, c in zip(names, configs)}
-    G = max(budgets.values())
-    Tp = round_up(prompt_len, LEN_BUCKET) if compile else prompt_len
-    G = round_up(G, LEN_BUCKET) if compile else G
-    engine = Engine(model, names, slots=sizes, returns=dict(zip(names, R)), budgets=budgets, prompt_rows=rows,
-                    prompt_len=Tp, gen_len=G, compile=compile,
-                    prefill_batch=min(n_inputs, MAX_PREFILL) if n_inputs else PREFILL_BATCH)
-    return engine
+    Tp, G = prompt_len, max(budgets.values())
+    if compile:
+        Tp, G = round_up(Tp, LEN_BUCKET), round_up(G, LEN_BUCKET)
+    return Engine(model, names, slots=sizes, returns=dict(zip(names, R)), budgets=budgets, prompt_rows=rows,
+                  prompt_len=Tp, gen_len=G, compile=compile,
+                  prefill_batch=min(n_inputs, MAX_PREFILL) if n_inputs else PREFILL_BATCH)
 
 
 def call_seed(seed: int | None, generator: torch.Generator | None, device) -> int:

@@ -80,7 +80,8 @@ def test_round_trip_is_normalisation_and_idempotent(tok, text):
     # a special token spelled in the text (any case: the tokenizer lowercases) is a token, not characters;
     # "</S>" alone encodes to [</s>], so looking for special ids before the final </s> does not catch it
     spelled = any(s.lower() in text.lower() for s in tok.special_tokens)
-    plain = tok.unk_id not in ids and "▁" not in text and not spelled
+    # U+FFFD (bytes already lost upstream) is dropped by SentencePiece's normaliser, like an unknown
+    plain = tok.unk_id not in ids and "▁" not in text and "\ufffd" not in text and not spelled
     if plain:  # every character known, no special token spelled out: exact
         assert once == normalised(text) and twice == once
 
