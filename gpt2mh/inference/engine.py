@@ -12,6 +12,10 @@ decodes all slots at once (`decode.decode_one_token`, compiled with `compile=Tru
 ends (EOS, its own max_new_tokens) frees its slot at once for the next input, and an input whose
 streams have all ended is returned and frees its prompt row.
 
+A long-running source (a server's queue) yields `IDLE` when it has nothing now: the loop goes on
+decoding; when nothing is live or waiting either (`engine.idle`) it asks again at once, so such a
+source blocks until a request arrives. `engine.cancel(key)`, from any thread, retires an input.
+
 Group sizes: a head's streams occupy its group for as many steps as they run, so by default each
 head gets slots in proportion to its token budget x return sequences (`budgets`): a 4-token label
 head needs few slots, a 48-token tag head many, and all groups drain at the same rate.
@@ -47,6 +51,8 @@ from .sampling import stream_key
 
 PREFILL_BATCH = 16  # inputs prefilled together at most (one trunk pass)
 GROW_BUCKET = 64  # a cache that must grow grows by at least this many positions
+IDLE = object()  # what a request source yields for "nothing now" (None: no more, ever)
+CANCELLED = "cancelled"  # the error of a Result for a cancelled input
 
 
 @dataclass
@@ -98,6 +104,8 @@ class Engine:
         self.compile, self.prefill_batch = compile, prefill_batch
         self.first_slot = [sum(self.sizes[:n]) for n in range(len(self.names))]
         self.member0 = [sum(self.returns[:n]) for n in range(len(self.names))]
+        self.waiting: deque[Request] = deque()  # read from the source, not yet admitted
+        self._cancels: deque = deque()  # keys from cancel(); deque.append is atomic (any thread)
         idx = model.head_index(self.names)
         with torch.no_grad():
             self.heads = model.head_weights(idx) if model.quantized else selected_heads(model, idx)
@@ -150,12 +158,18 @@ class Engine:
         self.step_fn = compiled_decode_step(self.model.device.type) if self.compile else decode_one_token
 
     def _loop(self, requests, tokens: bool) -> Iterator[Result | Tokens]:
-        waiting: deque[Request] = deque()
+        waiting = self.waiting = deque()
         exhausted = False
         live = 0  # slots holding an unfinished stream
         while True:
+            if self._cancels:
+                freed, dropped = self._drop_cancelled(waiting)
+                live -= freed
+                yield from dropped
             while not exhausted and len(waiting) < self.prefill_batch:
                 nxt = next(requests, None)
+                if nxt is IDLE:
+                    break
                 if nxt is None:
                     exhausted = True
                 else:
@@ -183,6 +197,51 @@ class Engine:
             if ended:
                 live -= len(ended)
                 yield from self._retire(ended)
+
+    # ---- a server's engine: idle, busy, cancel ---------------------------------------------------
+    @property
+    def busy(self) -> int:
+        """Slots holding a live stream (read on the loop's thread: in the source, between events)."""
+        return sum(st is not None for st in getattr(self, "slot_stream", ()))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing live, nothing waiting: a source that yields IDLE should block until a request arrives."""
+        return not self.busy and not self.waiting
+
+    def cancel(self, key: Hashable) -> None:
+        """Retire input `key` at the loop's next iteration (thread-safe): its slots and prompt row are
+        freed and `Result(key, error=CANCELLED)` is yielded. A key the engine does not hold (not read
+        yet, or done) is ignored."""
+        self._cancels.append(key)
+
+    def _drop_cancelled(self, waiting: deque) -> tuple[int, list[Result]]:
+        """(slots freed, Results) for the cancelled keys, waiting or live."""
+        keys = set()
+        while self._cancels:
+            keys.add(self._cancels.popleft())
+        done = [Result(r.key, error=CANCELLED, prompt_tokens=len(r.ids)) for r in waiting if r.key in keys]
+        kept = [r for r in waiting if r.key not in keys]
+        waiting.clear()
+        waiting.extend(kept)
+        slots = [s for s, st in enumerate(self.slot_stream) if st is not None and st[0].request.key in keys]
+        inputs = {}
+        for s in slots:
+            x, n, _ = self.slot_stream[s]
+            inputs[id(x)] = x
+            self.slot_stream[s], self.slot_cfg[s] = None, None
+            self.grid[self.cell[s]] = self.S
+            self.free_slots[n].append(s)
+            self.was_live[s] = False
+        if slots:  # an idle slot must not advance (its cache column would run past G)
+            idx = torch.tensor(slots, device=self.state.unfinished.device)
+            self.state = self.state._replace(unfinished=self.state.unfinished.index_fill(0, idx, False))
+            self._layout_changed()
+        for x in inputs.values():
+            self.free_rows.append(x.prompt_row)
+            self.prompt_valid[x.prompt_row] = False
+            done.append(Result(x.request.key, error=CANCELLED, prompt_tokens=len(x.request.ids)))
+        return len(slots), done
 
     # ---- admission ------------------------------------------------------------------------------
     def _fits(self, req: Request, taken: list[int], rows: int) -> bool:

@@ -17,6 +17,7 @@ import torch
 from ..inputs import check_vocab, encode_input, encode_prompts, prompt_batch
 from ..model import GPT2
 from .engine import Request, Result
+from .flush import TextFlush
 from .request import (
     call_configs,
     call_seed,
@@ -90,9 +91,9 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
            **controls) -> Iterator[tuple[str, int, str]]:
     """Yields (head, row, new_text) as each head's text grows; row = b * R + r as in `generate`.
 
-    Flush rule: a row's text is re-decoded each step and everything that is stable is emitted —
-    every complete character at once, Japanese included (no waiting for a space or a kanji as
-    transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits."""
+    Flush rule (`gpt2mh.inference.flush`): a row's text is re-decoded each step and everything that is
+    stable is emitted — every complete character at once, Japanese included; only a trailing U+FFFD or
+    a partial whitespace run waits."""
     check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
     controls = hf_aliases(controls, input_ids)
     prompts = _prompts(model, input_ids, attention_mask)
@@ -100,8 +101,7 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
                                               controls)
     cfg = dict(zip(names, configs))
     order = {name: n for n, name in enumerate(names)}
-    ids: dict[tuple[str, int], list[int]] = {}
-    sent: dict[tuple[str, int], str] = {}
+    flush: dict[tuple[str, int], TextFlush] = {}
     for event in engine.events(requests):
         if isinstance(event, Result):
             _raise(event)
@@ -109,15 +109,11 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
         items = sorted(event.items, key=lambda e: (order[e[1]], e[0], e[2]))
         for b, name, r, tok in items:
             key = (name, b * cfg[name].num_return_sequences + r)
-            done = tok in cfg[name].eos_token_id
-            if not done:
-                ids.setdefault(key, []).append(tok)
-            text = tokenizer.decode(ids.get(key, []))
-            stable = (text if done else text.rstrip()).rstrip("\ufffd")
-            old = sent.get(key, "")
-            if stable.startswith(old) and len(stable) > len(old):
-                yield name, key[1], stable[len(old):]
-                sent[key] = stable
+            if key not in flush:
+                flush[key] = TextFlush(tokenizer, cfg[name].eos_token_id)
+            new = flush[key].push(tok)
+            if new:
+                yield name, key[1], new
 
 
 # ---- text in, text out ------------------------------------------------------------------------

@@ -6,10 +6,13 @@
 - A sampled row depends only on the seed, its input (key) and its controls, never on its neighbours.
 - Memory: the cache shapes are the slot layout's, whatever the number of inputs.
 - Requests may name their own heads and controls and still share the slots.
+- A server's engine: a source that says IDLE keeps the loop alive; cancel retires an input, live or
+  waiting, and frees its slots.
 """
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ import torch
 from gpt2mh import GPT2Config, MultiHeadGPT2
 from gpt2mh.inference.cache import SlotCache
 from gpt2mh.inference.controls import SamplingConfig
-from gpt2mh.inference.engine import Engine, Request, Result, group_sizes
+from gpt2mh.inference.engine import CANCELLED, IDLE, Engine, Request, Result, Tokens, group_sizes
 
 V, EOS, PAD = 211, 2, 3
 STOP = tuple(range(2, 60, 3))  # many end-of-stream ids: streams end at different steps
@@ -159,3 +162,41 @@ def test_a_refused_input_does_not_stop_the_others(model):
     results = {r.key: r for r in engine.run(Request(i, p, configs(), 0, i) for i, p in enumerate(ps))}
     assert isinstance(results[2], Result) and "exceeds the model's context" in results[2].error
     assert all(results[i].error is None and set(results[i].tokens) == set(HEADS) for i in results if i != 2)
+
+
+def test_an_idle_source_keeps_the_loop_going_and_changes_no_output(model):
+    ps, cfgs = prompts(10, seed=6), configs()
+    engine = Engine(model, HEADS, slots=4, budgets=BUDGET, prompt_len=8, gen_len=4)
+    idle_asks = []
+
+    def source():  # IDLE between requests, and several times while the engine has nothing at all
+        for i, p in enumerate(ps):
+            for _ in range(3):
+                idle_asks.append(engine.idle)
+                yield IDLE
+            yield Request(i, p, cfgs, 0, i)
+
+    got = {r.key: r.tokens for r in engine.run(source())}
+    assert got == alone(model, ps, cfgs)
+    assert True in idle_asks and False in idle_asks  # asked when idle (a server blocks then) and when busy
+    assert engine.idle and engine.busy == 0
+
+
+def test_cancel_retires_live_and_waiting_inputs_and_frees_their_slots(model):
+    ps, cfgs = prompts(12, seed=8), configs(min_new_tokens=3)
+    engine = Engine(model, HEADS, slots=3, budgets=BUDGET, prompt_len=8, gen_len=4)  # about one input at a time
+    results, busy = {}, []
+    for event in engine.events(Request(i, p, cfgs, 0, i) for i, p in enumerate(ps)):
+        if isinstance(event, Tokens) and 0 in {k for k, *_ in event.items} and 0 not in results:
+            canceller = threading.Thread(target=lambda: [engine.cancel(k) for k in (0, 5, 99)])  # 99: unknown
+            canceller.start()
+            canceller.join()
+            results[0] = None
+        elif isinstance(event, Result):
+            results[event.key] = event
+        busy.append(engine.busy)
+    assert results[0].error == CANCELLED and results[5].error == CANCELLED  # live, and waiting
+    assert results[0].tokens == {} and results[0].prompt_tokens == len(ps[0])
+    ref = alone(model, ps, cfgs)
+    assert {k: r.tokens for k, r in results.items() if k not in (0, 5)} == {k: ref[k] for k in ref if k not in (0, 5)}
+    assert engine.busy == 0 and engine.idle and max(busy) <= engine.S
