@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from . import files, generate, quickstart, train
+from . import files, generate, quickstart, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
-    for module in (files, train, generate, quickstart):  # the order of `gpt2mh --help`
+    for module in (files, train, generate, serve, quickstart):  # the order of `gpt2mh --help`
         module.add_parsers(add)
     return p
 

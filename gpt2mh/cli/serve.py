@@ -1,0 +1,73 @@
+"""`gpt2mh serve`: the model over HTTP, every request sharing one engine (see gpt2mh/serve/)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .args import UsageError, at_least, load_model_and_tokenizer
+from .generate import slots_arg
+
+
+def positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
+        return value
+    return parse
+
+
+def cmd_serve(args) -> None:
+    try:
+        from ..serve.app import Settings
+        from ..serve.schemas import Limits
+        from ..serve.server import serve
+    except ImportError as e:
+        raise UsageError(f"gpt2mh serve needs the serve extra ({e.name} is missing): "
+                         f"pip install -e \".[serve]\"") from None
+    at_least("--port", args.port, 0)
+    at_least("--max-queue", args.max_queue, 1)
+    at_least("--max-body-bytes", args.max_body_bytes, 64)
+    at_least("--max-new-tokens-limit", args.max_new_tokens_limit, 1)
+    at_least("--max-n", args.max_n, 1)
+    key = args.api_key if args.api_key is not None else os.environ.get("GPT2MH_API_KEY") or None
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.revision)
+    if args.int8:
+        model.quantize("int8")
+    settings = Settings(max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                        request_timeout=args.request_timeout, drain_timeout=args.drain_timeout, api_key=key,
+                        limits=Limits(max_new_tokens=args.max_new_tokens_limit, max_n=args.max_n))
+    slots = args.slots or (256 if model.device.type == "cuda" else 64)
+    serve(model, tok, host=args.host, port=args.port, slots=slots, compile=args.compile, settings=settings)
+
+
+def add_parsers(add) -> None:
+    s = add("serve", help="an HTTP server: every request shares one engine's slots")
+    s.add_argument("--model", help="checkpoint folder, training output folder or hub id (default: runs/quickstart)")
+    s.add_argument("--revision")
+    s.add_argument("--device")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=slots_arg, default=None,
+                   help="streams decoded at once, all requests and heads together (default: 64 on CPU, 256 on CUDA)")
+    s.add_argument("--max-queue", dest="max_queue", type=int, default=256,
+                   help="inputs waiting for a slot at most; more: 429 with Retry-After (default: 256)")
+    s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20,
+                   help="larger request bodies get 413 (default: 1 MiB)")
+    s.add_argument("--request-timeout", dest="request_timeout", type=positive(float), default=300.0,
+                   help="seconds a request may run; then 504 and its slots are freed (0: no limit; default: 300)")
+    s.add_argument("--drain-timeout", dest="drain_timeout", type=positive(float), default=30.0,
+                   help="on SIGTERM/SIGINT: seconds for the requests in flight to finish before the exit (default: 30)")
+    s.add_argument("--api-key", dest="api_key",
+                   help="require Authorization: Bearer KEY on every endpoint but /health (default: $GPT2MH_API_KEY)")
+    s.add_argument("--max-new-tokens-limit", dest="max_new_tokens_limit", type=int, default=512,
+                   help="largest max_new_tokens a request may ask for (default: 512)")
+    s.add_argument("--max-n", dest="max_n", type=int, default=4,
+                   help="largest num_return_sequences (n) a request may ask for (default: 4)")
+    s.add_argument("--int8", action="store_true", help="int8 weights (CPU inference)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step")
+    s.set_defaults(func=cmd_serve)
