@@ -9,8 +9,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -212,3 +215,79 @@ def process(scores, history, cur_len, step, c, plan):
 
     scores = processors(scores, history, cur_len, step, c, plan)
     return warp(scores, c, plan) if plan.any_sample else scores
+
+
+# ---- a `gpt2mh serve` process (tests/serve/) ------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m gpt2mh serve --model FOLDER --port P ARGS` until stop(); its stderr in a file."""
+
+    def __init__(self, folder: Path, tmp: Path, *args, env: dict | None = None, wait: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"serve-{self.port}.log"
+        cmd = [sys.executable, "-m", "gpt2mh", "serve", "--model", str(folder), "--port", str(self.port), *args]
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=tmp, env={**offline_env(tmp / "caches"), **(env or {})},
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        if wait:
+            self.wait_up()
+
+    def wait_up(self, timeout: float = 90) -> None:
+        import httpx
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gpt2mh serve exited {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gpt2mh serve did not answer /health in {timeout} s:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.log.read_text(encoding="utf-8")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"gpt2mh serve did not exit within {timeout} s of {sig!r}:\n{self.stderr()}")
+
+    def metric(self, name: str, headers: dict | None = None) -> float:
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", headers=headers, timeout=10).text
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        assert m, f"{name} not in /metrics"
+        return float(m.group(1))
+
+    def wait_metric(self, name: str, ok, timeout: float = 20, headers: dict | None = None) -> float:
+        end = time.monotonic() + timeout
+        while True:
+            value = self.metric(name, headers)
+            if ok(value) or time.monotonic() > end:
+                return value
+            time.sleep(0.05)
+
+
+def events(response) -> list[dict]:
+    """The JSON of each `data: ...` server-sent event ([DONE] as the string)."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out

@@ -52,7 +52,8 @@ def add_parsers(add) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--slots", type=slots_arg, default=None,
-                   help="streams decoded at once, all requests and heads together (default: 64 on CPU, 256 on CUDA)")
+                   help="streams decoded at once, all requests and heads together (default: 64 on CPU, 256 on CUDA; "
+                        "at least heads x --max-n)")
     s.add_argument("--max-queue", dest="max_queue", type=int, default=256,
                    help="inputs waiting for a slot at most; more: 429 with Retry-After (default: 256)")
     s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20,
