@@ -150,13 +150,13 @@ def test_request_timeout_is_504_and_frees_the_slots(limited):
 def test_an_input_that_breaks_the_engine_fails_alone(server, reference):
     model, tok = reference
     texts = ["今日は東京で会議がありました。", "明日は大阪で雨が降るでしょう。"]
-    want = generate_text(model, tok, texts, max_new_tokens=60, compile=False)
+    want = generate_text(model, tok, texts, max_new_tokens=120, min_new_tokens=120, compile=False)
     # every token banned but EOS, and EOS banned by min_new_tokens: the engine finds nothing to pick
     poison = {"inputs": "x", "heads": ["pos"], "min_new_tokens": 5,
               "bad_words_ids": [[i] for i in range(model.config.vocab_size)]}
 
     def good(text):
-        return post(server, {"inputs": [text], "max_new_tokens": 60})
+        return post(server, {"inputs": [text], "max_new_tokens": 120, "min_new_tokens": 120})
 
     with ThreadPoolExecutor(4) as pool:
         running = [pool.submit(good, t) for t in texts]
@@ -167,5 +167,6 @@ def test_an_input_that_breaks_the_engine_fails_alone(server, reference):
     for text, r in zip(texts, outs):
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["outputs"] == {h: want[h][texts.index(text)] for h in want}
-    assert post(server, {"inputs": texts, "max_new_tokens": 60}).json()["results"][1]["outputs"] == \
-        {h: want[h][1] for h in want}
+    assert "the engine failed" in server.stderr() and "failed: ValueError" in server.stderr()
+    again = post(server, {"inputs": texts, "max_new_tokens": 120, "min_new_tokens": 120})
+    assert again.json()["results"][1]["outputs"] == {h: want[h][1] for h in want}  # still serving
