@@ -41,7 +41,8 @@ def cmd_serve(args) -> None:
                         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout, api_key=key,
                         limits=Limits(max_new_tokens=args.max_new_tokens_limit, max_n=args.max_n))
     slots = args.slots or (256 if model.device.type == "cuda" else 64)
-    serve(model, tok, host=args.host, port=args.port, slots=slots, compile=args.compile, settings=settings)
+    serve(model, tok, host=args.host, port=args.port, slots=slots, prompt_rows=args.prompt_rows, compile=args.compile,
+          settings=settings)
 
 
 def add_parsers(add) -> None:
@@ -54,6 +55,8 @@ def add_parsers(add) -> None:
     s.add_argument("--slots", type=slots_arg, default=None,
                    help="streams decoded at once, all requests and heads together (default: 64 on CPU, 256 on CUDA; "
                         "at least heads x --max-n)")
+    s.add_argument("--prompt-rows", dest="prompt_rows", type=slots_arg, default=None,
+                   help="inputs decoded at once (default: slots / heads); each costs attention work every step")
     s.add_argument("--max-queue", dest="max_queue", type=int, default=256,
                    help="inputs waiting for a slot at most; more: 429 with Retry-After (default: 256)")
     s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20,

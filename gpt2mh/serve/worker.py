@@ -15,6 +15,9 @@ An exception inside the engine fails no bystander: the inputs the engine held ar
 alone on a fresh engine, and only the one that fails alone gets the error. Every input has a fixed
 seed and the noise depends on (seed, input, head, r) only, so a rerun makes the same tokens; those
 already delivered are not delivered twice.
+
+The engine keeps every SamplingConfig it has seen (its per-slot controls are built from them all): when
+it is idle and has seen more than CONFIGS_KEPT, the loop starts a fresh one (the KV cache is kept).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Callable, Hashable
 from ..inference.engine import IDLE, Engine, Request, Result, Tokens
 
 log = logging.getLogger("gpt2mh.serve")
+CONFIGS_KEPT = 64  # an engine builds its per-slot controls from every config it has seen: renew it when idle
 
 
 @dataclass
@@ -37,9 +41,14 @@ class Job:
 
 
 class Worker:
-    def __init__(self, model, heads: list[str], *, slots: int, max_n: int, compile: bool = False, metrics=None):
+    def __init__(self, model, heads: list[str], *, slots: int, max_n: int, prompt_rows: int | None = None,
+                 compile: bool = False, metrics=None):
         self.model, self.heads, self.max_n = model, list(heads), max_n
         self.slots, self.compile, self.metrics = slots, compile, metrics
+        # inputs in flight at most: each prompt row's attention runs over heads x max_n members every step,
+        # so rows beyond what the slots can use cost time for nothing (default: one all-heads input per slot set)
+        self.prompt_rows = prompt_rows or max(1, slots // len(self.heads))
+        self.closing = False
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.jobs: dict[int, Job] = {}
@@ -93,6 +102,7 @@ class Worker:
 
     def close(self) -> None:
         """End the loop once the engine has finished what it holds."""
+        self.closing = True
         self.inbox.put(None)
 
     # ---- this thread --------------------------------------------------------------------------------
@@ -102,7 +112,8 @@ class Worker:
             try:
                 for event in engine.events(self._source(engine)):
                     self._dispatch(event)
-                return
+                if self.closing:
+                    return
             except Exception as e:  # noqa: BLE001 - isolate the input that caused it, keep serving
                 log.error("gpt2mh serve: the engine failed (%s: %s); running its %d input(s) again one by one",
                           type(e).__name__, e, len(self.inflight))
@@ -111,7 +122,8 @@ class Worker:
     def _engine(self, alone: Request | None = None) -> Engine:
         returns = {h: self.max_n for h in self.heads}
         if alone is None:
-            return Engine(self.model, self.heads, slots=self.slots, returns=returns, compile=self.compile)
+            return Engine(self.model, self.heads, slots=self.slots, returns=returns, prompt_rows=self.prompt_rows,
+                          compile=self.compile)
         names = list(alone.configs)
         return Engine(self.model, names, slots={h: alone.configs[h].num_return_sequences for h in names},
                       returns={h: alone.configs[h].num_return_sequences for h in names}, prompt_rows=1,
@@ -119,6 +131,8 @@ class Worker:
 
     def _source(self, engine: Engine):
         while True:
+            if engine.idle and len(engine.configs) > CONFIGS_KEPT:
+                return  # a fresh engine (same caches) forgets the configs it has seen
             try:
                 req = self.inbox.get(block=engine.idle)
             except queue.Empty:

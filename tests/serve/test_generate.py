@@ -104,3 +104,13 @@ def test_score_equals_score_text(server, reference):
     assert r.json()["scores"].keys() == want.keys()
     for h in want:
         assert r.json()["scores"][h] == pytest.approx(want[h], rel=1e-5)
+
+
+def test_many_distinct_controls_keep_serving(server, reference):
+    # the worker renews an idle engine that has seen many configs: outputs stay the library's
+    model, tok = reference
+    for k in range(1, 72):
+        r = post(server, {"inputs": "x", "heads": ["reading"], "max_new_tokens": k, "min_new_tokens": k})
+        assert r.json()["results"][0]["usage"]["new_tokens"] == {"reading": k}
+    r = post(server, {"inputs": TEXTS, "max_new_tokens": 12})
+    assert texts_by_head(r.json()) == generate_text(model, tok, TEXTS, max_new_tokens=12, compile=False)
