@@ -15,7 +15,8 @@
   Files the README's commands name are made in that folder first: path/to/pytorch_model.bin (the tiny
   checkpoint, written by transformers with safe_serialization=False), inputs.txt, data/*.jsonl.
   `pip install ...` and `bash .ci/run` are checked for what they name (the extras in pyproject.toml,
-  the torch pin in .ci/run), not run.
+  the torch pin in .ci/run), not run. `gpt2mh serve ...` runs on a free port until one /v1/generate
+  request is answered, then gets SIGTERM (exit code 0: the drain's).
 - ```json: the data-format example parses as a row of the quickstart's three heads.
 - Paths the README names exist: every file and folder of the layout block (nested by indentation,
   with the files a folder line lists), file names in backticks, and relative links (of docs/*.md too)."""
@@ -85,7 +86,7 @@ def test_readme_has_the_blocks_this_test_runs():
     assert len(blocks("python")) >= 4 and len(blocks("toml")) == 1 and len(blocks("json")) == 1
     assert [cmd for _, cmd in COMMANDS if cmd[0] == "gpt2mh"][0] == ["gpt2mh", "quickstart"]
     subcommands = {cmd[1] for _, cmd in GPT2MH}
-    assert subcommands >= {"quickstart", "download", "convert", "train", "generate", "eval", "export-hf"}
+    assert subcommands >= {"quickstart", "download", "convert", "train", "generate", "eval", "export-hf", "serve"}
     others = [cmd for _, cmd in COMMANDS if cmd[0] != "gpt2mh"]
     assert others and all(cmd[:2] in (["pip", "install"], ["bash", ".ci/run"]) for cmd in others), others
 
@@ -215,6 +216,8 @@ def readme_runs(tmp_path_factory, hf_checkpoint, rinna_spiece):
 
     def run(cmd):
         actual = SUBSTITUTIONS.get(tuple(cmd), cmd)
+        if cmd[1] == "serve":
+            return serve_briefly(actual, cwd, env)
         return run_cli(actual[1:], cwd=cwd, env=env, script=True, timeout=600)
 
     rest = [cmd for _, cmd in GPT2MH if cmd[1] != "quickstart"]
@@ -225,6 +228,39 @@ def readme_runs(tmp_path_factory, hf_checkpoint, rinna_spiece):
     done.update((tuple(cmd), run(cmd)) for cmd in after)
     done[("gpt2mh", "quickstart")] = quickstart
     return cwd, caches, done
+
+
+def serve_briefly(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`gpt2mh serve ...` (the console script) on a free port: once /health answers, one /v1/generate
+    request (its JSON is the stdout), then SIGTERM; the exit code is the drain's."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([console_script(), *cmd[1:], "--port", str(port)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    url, out = f"http://127.0.0.1:{port}", ""
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                break
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    out = httpx.post(url + "/v1/generate", json={"inputs": "今日は東京で会議がありました。",
+                                                                 "max_new_tokens": 8}, timeout=60).text
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -262,6 +298,8 @@ def test_readme_command(readme_runs, line, cmd):
         folder = cwd / cmd[cmd.index("--out") + 1]
         assert cwd / out.strip() == folder and (folder / "config.json").is_file()
         assert (folder / "model.safetensors").is_file() and (folder / "spiece.model").is_file()
+    elif sub == "serve":  # the quickstart's model over HTTP: every head's text
+        assert list(json.loads(out)["results"][0]["outputs"]) == list(HEADS)
     elif sub == "quickstart":
         assert "per-head held-out scores" in out and (cwd / OUTPUT / "checkpoint-3").is_dir()
     else:
