@@ -41,6 +41,7 @@ class Service:
     settings: Settings
     name: str = "gpt2mh"
     draining: bool = False
+    gate: object = None  # the Gate in front of the app (its count of requests in flight)
     score_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "gpt2mh-score"))
 
 

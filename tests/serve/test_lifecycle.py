@@ -142,3 +142,14 @@ def test_a_non_loopback_bind_without_a_key_warns(checkpoint, tmp_path):
     server = Server(checkpoint, tmp_path, "--host", "0.0.0.0")
     assert server.stop() == 0
     assert "warning: listening on 0.0.0.0 without an API key" in server.stderr()
+
+
+def test_bad_flags_are_one_line_errors(checkpoint, tmp_path):
+    from helpers import offline_env, one_line_error, run_cli
+
+    env = offline_env(tmp_path / "caches")
+    one_line_error(run_cli(["serve", "--model", checkpoint, "--max-queue", "0"], cwd=tmp_path, env=env), "serve",
+                   "--max-queue 0: must be >= 1")
+    one_line_error(run_cli(["serve", "--model", tmp_path / "nope"], cwd=tmp_path, env=env), "serve", "nope")
+    proc = run_cli(["serve", "--model", checkpoint, "--slots", "0"], cwd=tmp_path, env=env)  # argparse's usage error
+    assert proc.returncode == 2 and "argument --slots: 0: need at least 1 stream slot" in proc.stderr
