@@ -20,6 +20,20 @@ def positive(kind):
     return parse
 
 
+def head_slots(spec: str, heads: list[str], max_n: int) -> dict[str, int]:
+    """--head-slots tense=4,entities=16,pos=40 -> {head: slots}, every head named once."""
+    out = {}
+    for item in spec.split(","):
+        name, _, n = item.partition("=")
+        if not n.strip().isdigit() or name.strip() not in heads or name.strip() in out:
+            raise UsageError(f"--head-slots {spec!r}: expected HEAD=N for each of the heads {heads} once, "
+                             f"e.g. {','.join(f'{h}=16' for h in heads)}")
+        out[name.strip()] = int(n)
+    if set(out) != set(heads) or min(out.values()) < max_n:
+        raise UsageError(f"--head-slots {spec!r}: give each of the heads {heads} at least --max-n {max_n} slots")
+    return out
+
+
 def cmd_serve(args) -> None:
     try:
         from ..serve.app import Settings
@@ -40,7 +54,8 @@ def cmd_serve(args) -> None:
     settings = Settings(max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout, api_key=key,
                         limits=Limits(max_new_tokens=args.max_new_tokens_limit, max_n=args.max_n))
-    slots = args.slots or (256 if model.device.type == "cuda" else 64)
+    slots = head_slots(args.head_slots, list(model.head_names), args.max_n) if args.head_slots else \
+        args.slots or (256 if model.device.type == "cuda" else 64)
     serve(model, tok, host=args.host, port=args.port, slots=slots, prompt_rows=args.prompt_rows, compile=args.compile,
           settings=settings)
 
@@ -55,8 +70,11 @@ def add_parsers(add) -> None:
     s.add_argument("--slots", type=slots_arg, default=None,
                    help="streams decoded at once, all requests and heads together (default: 64 on CPU, 256 on CUDA; "
                         "at least heads x --max-n)")
+    s.add_argument("--head-slots", dest="head_slots", metavar="HEAD=N,...",
+                   help="slots per head instead of --slots split equally: more for heads with long outputs, "
+                        "e.g. tense=4,entities=16,pos=40")
     s.add_argument("--prompt-rows", dest="prompt_rows", type=slots_arg, default=None,
-                   help="inputs decoded at once (default: slots / heads); each costs attention work every step")
+                   help="inputs decoded at once (default: the largest head's slots); each costs attention work every step")
     s.add_argument("--max-queue", dest="max_queue", type=int, default=256,
                    help="inputs waiting for a slot at most; more: 429 with Retry-After (default: 256)")
     s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20,

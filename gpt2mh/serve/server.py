@@ -51,21 +51,21 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(model, tokenizer, *, host: str, port: int, slots: int, prompt_rows: int | None, compile: bool,
-          settings: Settings) -> None:
+def serve(model, tokenizer, *, host: str, port: int, slots: int | dict[str, int], prompt_rows: int | None,
+          compile: bool, settings: Settings) -> None:
     if not settings.api_key and not is_loopback(host):
         print(f"gpt2mh serve: warning: listening on {host} without an API key: anyone who can reach this address "
               f"can use the model; set --api-key or GPT2MH_API_KEY", file=sys.stderr, flush=True)
-    metrics = Metrics(slots)
     worker = Worker(model, list(model.head_names), slots=slots, max_n=settings.limits.max_n, prompt_rows=prompt_rows,
-                    compile=compile, metrics=metrics)
+                    compile=compile)
+    metrics = worker.metrics = Metrics(sum(worker.slots.values()))
     service = Service(model, tokenizer, worker, metrics, settings)
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
     server = DrainingServer(config, service)
     worker.start()
-    print(f"gpt2mh serve: http://{host}:{port}/ heads {list(model.head_names)}, {slots} slots, "
-          f"{worker.prompt_rows} inputs at once", file=sys.stderr, flush=True)
+    print(f"gpt2mh serve: http://{host}:{port}/ slots per head {worker.slots}, {worker.prompt_rows} inputs at once",
+          file=sys.stderr, flush=True)
     try:
         server.run()
     finally:

@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
-from ..inference.engine import IDLE, Engine, Request, Result, Tokens
+from ..inference.engine import IDLE, Engine, Request, Result, Tokens, group_sizes
 
 log = logging.getLogger("gpt2mh.serve")
 CONFIGS_KEPT = 64  # an engine builds its per-slot controls from every config it has seen: renew it when idle
@@ -41,13 +41,16 @@ class Job:
 
 
 class Worker:
-    def __init__(self, model, heads: list[str], *, slots: int, max_n: int, prompt_rows: int | None = None,
-                 compile: bool = False, metrics=None):
+    def __init__(self, model, heads: list[str], *, slots: int | dict[str, int], max_n: int,
+                 prompt_rows: int | None = None, compile: bool = False, metrics=None):
         self.model, self.heads, self.max_n = model, list(heads), max_n
-        self.slots, self.compile, self.metrics = slots, compile, metrics
-        # inputs in flight at most: each prompt row's attention runs over heads x max_n members every step,
-        # so rows beyond what the slots can use cost time for nothing (default: one all-heads input per slot set)
-        self.prompt_rows = prompt_rows or max(1, slots // len(self.heads))
+        self.compile, self.metrics = compile, metrics
+        # slots per head: given, or the total split equally (requests' budgets are not known in advance)
+        self.slots = dict(zip(self.heads, group_sizes(self.heads, slots, [max_n] * len(self.heads), None)))
+        # inputs in flight at most: an input holds its prompt row until its longest stream ends, so about
+        # the largest group; each row's attention runs over heads x max_n members every step, so rows
+        # beyond what the slots can use cost time for nothing
+        self.prompt_rows = prompt_rows or max(self.slots.values())
         self.closing = False
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()

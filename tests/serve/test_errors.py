@@ -19,7 +19,8 @@ LONG = {"heads": ["pos"], "min_new_tokens": 240, "max_new_tokens": 240}  # EOS b
 @pytest.fixture(scope="module")
 def limited(checkpoint, tmp_path_factory):
     """One slot per head (3 slots, one sequence per input), 2 inputs may wait, 1 s per request, 4 KiB bodies."""
-    s = Server(checkpoint, tmp_path_factory.mktemp("limited"), "--slots", "3", "--max-n", "1", "--max-queue", "2",
+    s = Server(checkpoint, tmp_path_factory.mktemp("limited"), "--head-slots", "reading=1,entities=1,pos=1",
+               "--max-n", "1", "--max-queue", "2",
                "--request-timeout", "1", "--max-body-bytes", "4096", "--max-new-tokens-limit", "240")
     yield s
     assert s.stop() == 0, s.stderr()

@@ -151,5 +151,7 @@ def test_bad_flags_are_one_line_errors(checkpoint, tmp_path):
     one_line_error(run_cli(["serve", "--model", checkpoint, "--max-queue", "0"], cwd=tmp_path, env=env), "serve",
                    "--max-queue 0: must be >= 1")
     one_line_error(run_cli(["serve", "--model", tmp_path / "nope"], cwd=tmp_path, env=env), "serve", "nope")
+    one_line_error(run_cli(["serve", "--model", checkpoint, "--head-slots", "pos=4"], cwd=tmp_path, env=env), "serve",
+                   "give each of the heads")
     proc = run_cli(["serve", "--model", checkpoint, "--slots", "0"], cwd=tmp_path, env=env)  # argparse's usage error
     assert proc.returncode == 2 and "argument --slots: 0: need at least 1 stream slot" in proc.stderr
