@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1000, help="requests per level")
     p.add_argument("--baseline-requests", type=int, default=None,
                    help="requests of the one-at-a-time baseline (default: --requests)")
-    p.add_argument("--head-slots", default="tense=6,entities=20,pos=40",
+    p.add_argument("--head-slots", default="tense=6,entities=18,pos=32",
                    help="the server's stream slots per head (about its share of the tokens)")
     p.add_argument("--sigterm-clients", type=int, default=32)
     p.add_argument("--sigterm-after", type=float, default=10.0, help="seconds of load before SIGTERM")
