@@ -10,6 +10,7 @@ Each builds one SamplingConfig per head (`request`), an engine sized for the cal
 the engine returns."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -59,14 +60,28 @@ def _raise(result: Result) -> None:
         raise ValueError(f"input {result.key}: {result.error}")
 
 
+@dataclass
+class GenerateOutput:
+    """One head's output with return_dict_in_generate=True (rows as in `generate`)."""
+    sequences: torch.Tensor                         # (B * R, new) long
+    transition_scores: torch.Tensor | None = None   # (B * R, new) f32 with output_scores: each token's log-prob, 0 at pad
+    sequences_scores: torch.Tensor | None = None    # (B * R,) f32 with output_scores and num_beams > 1
+
+
 def generate(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              heads: Sequence[str] | None = None, *, per_head: Mapping | None = None, compile: bool | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, slots: int | None = None,
-             **controls) -> dict[str, torch.Tensor]:
+             return_dict_in_generate: bool = False, **controls) -> dict[str, torch.Tensor | GenerateOutput]:
     """Continue each prompt with every selected head; see `gpt2mh.MultiHeadGPT2.generate`.
 
     Returns {head: LongTensor (B * num_return_sequences, new_tokens)}: prompt-major rows (HF's order),
-    each stream's tokens (its EOS included), then pad, as wide as the longest stream."""
+    each stream's tokens (its EOS included), then pad, as wide as the longest stream. With
+    return_dict_in_generate=True, {head: GenerateOutput}: with output_scores=True also each token's
+    log-probability after the processors (what transformers' `compute_transition_scores` gives:
+    normalize_logits=True for greedy and sampling, the beam search's own scores with beams) and, for
+    beam search, each returned hypothesis' length-penalised score (HF's `sequences_scores`)."""
+    if not isinstance(return_dict_in_generate, bool):
+        raise ValueError(f"return_dict_in_generate={return_dict_in_generate!r} must be True or False")
     controls = hf_aliases(controls, input_ids)
     prompts = _prompts(model, input_ids, attention_mask)
     names, configs, engine, requests = _setup(model, prompts, heads, per_head, compile, seed, generator, slots,
@@ -74,13 +89,24 @@ def generate(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     results = {}
     for r in engine.run(requests):
         _raise(r)
-        results[r.key] = r.tokens
+        results[r.key] = r
     out = {}
     for name, cfg in zip(names, configs):
-        rows = [ids for b in range(len(prompts)) for ids in results[b][name]]
+        rows = [ids for b in range(len(prompts)) for ids in results[b].tokens[name]]
         width = max(len(ids) for ids in rows)
-        out[name] = torch.tensor([ids + [cfg.pad_token_id] * (width - len(ids)) for ids in rows], dtype=torch.long,
-                                 device=model.device).view(len(rows), width)
+        seq = torch.tensor([ids + [cfg.pad_token_id] * (width - len(ids)) for ids in rows], dtype=torch.long,
+                           device=model.device).view(len(rows), width)
+        if not return_dict_in_generate:
+            out[name] = seq
+            continue
+        out[name] = GenerateOutput(seq)
+        if cfg.output_scores:
+            lp = [x for b in range(len(prompts)) for x in results[b].scores[name]]
+            out[name].transition_scores = torch.tensor([x + [0.0] * (width - len(x)) for x in lp],
+                                                       device=model.device).view(len(rows), width)
+            if cfg.num_beams > 1:
+                out[name].sequences_scores = torch.tensor(
+                    [x for b in range(len(prompts)) for x in results[b].sequence_scores[name]], device=model.device)
     return out
 
 
@@ -93,11 +119,15 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
     Flush rule: a row's text is re-decoded each step and everything that is stable is emitted —
     every complete character at once, Japanese included (no waiting for a space or a kanji as
     transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits."""
-    check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
     controls = hf_aliases(controls, input_ids)
     prompts = _prompts(model, input_ids, attention_mask)
     names, configs, engine, requests = _setup(model, prompts, heads, per_head, compile, seed, generator, slots,
                                               controls)
+    searching = [n for n, c in zip(names, configs) if c.num_beams > 1]
+    if searching:  # as transformers' streamers: a beam's tokens are not final until the search ends
+        raise ValueError(f"stream: head(s) {searching} search with num_beams > 1, whose text is only known when "
+                         f"the search ends; use generate_text (or num_beams=1 to stream)")
+    check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
     cfg = dict(zip(names, configs))
     order = {name: n for n, name in enumerate(names)}
     ids: dict[tuple[str, int], list[int]] = {}

@@ -104,7 +104,8 @@ def make_engine(model: GPT2, names: list[str], configs: list[SamplingConfig], n_
     cap = slots if slots is not None else DEFAULT_SLOTS.get(model.device.type, 64)
     if not is_int(cap) or cap < 1:
         raise ValueError(f"slots={slots!r}: expected a number of stream slots >= 1 (or None for the default)")
-    R = [c.num_return_sequences for c in configs]
+    W = max(c.num_beams for c in configs)  # rows per input: a block of the widest search, or its streams
+    R = [W if c.num_beams > 1 else c.num_return_sequences for c in configs]
     want = [n_inputs * r for r in R] if n_inputs is not None else None
     if want is not None and sum(want) <= cap:
         sizes = {h: bucket_batch(w) if compile else w for h, w in zip(names, want)}
@@ -117,7 +118,7 @@ def make_engine(model: GPT2, names: list[str], configs: list[SamplingConfig], n_
     if compile:
         Tp, G = round_up(Tp, LEN_BUCKET), round_up(G, LEN_BUCKET)
     return Engine(model, names, slots=sizes, returns=dict(zip(names, R)), budgets=budgets, prompt_rows=rows,
-                  prompt_len=Tp, gen_len=G, compile=compile,
+                  prompt_len=Tp, gen_len=G, compile=compile, beams={h: c.num_beams for h, c in zip(names, configs)},
                   prefill_batch=min(n_inputs, MAX_PREFILL) if n_inputs else PREFILL_BATCH)
 
 
