@@ -128,8 +128,9 @@ class SamplingConfig:
             _require(isinstance(v, tuple) and all(isinstance(x, str) and x for x in v), name, v,
                      "must be a list of non-empty strings")
         _require(len(set(self.choices)) == len(self.choices), "choices", self.choices, "must not repeat a string")
-        _require(not (self.choices and self.num_beams > 1), "choices", self.choices,
-                 "answers by scoring each choice: num_beams does not apply (drop one of them)")
+        _require(not (self.choices and (self.num_beams > 1 or self.num_return_sequences > 1)), "choices",
+                 self.choices, "answers with the one choice it scores highest: num_beams and num_return_sequences "
+                 "do not apply (drop one of them)")
         _require(not (self.stop_strings and self.num_beams > 1), "stop_strings", self.stop_strings,
                  "are not supported with num_beams > 1 yet: cut the returned texts instead, or use num_beams=1")
         _require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", self.min_new_tokens,
@@ -243,6 +244,7 @@ class Plan:
     top_k_bounds: bool = False  # every sampling stream has a top_k and none a typical_p: see `draw`
     beams: bool = False  # some stream searches with num_beams > 1 (`gpt2mh.inference.beam`)
     logprobs: bool = False  # some stream keeps its tokens' log-probabilities (output_scores, beams, choices)
+    forced: bool = False  # some stream's tokens are given: a choice being scored (`SamplingConfig.choices`)
 
 
 class Controls(NamedTuple):
@@ -361,5 +363,6 @@ def build_controls(
         top_k_bounds=bool(sampling) and all(c.top_k > 0 and c.typical_p == 1 for c in sampling),
         beams=any(c.num_beams > 1 for c in used),
         logprobs=any(c.output_scores or c.num_beams > 1 or c.choices for c in used),
+        forced=any(c.choices for c in used),
     )
     return controls, plan

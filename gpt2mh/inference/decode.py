@@ -45,6 +45,7 @@ class SlotFixed(NamedTuple):
     key: Tensor               # (S,) long: the stream's noise key (seed, input, head, return sequence)
     where: Decode             # the cache layout (gen_pos is derived from n_gen in the step)
     blocks: Tensor | None     # (nb, W) long: the slots of the beam blocks (None: no beam search)
+    forced: Tensor            # (S, G) long: a scored choice's ids (its EOS included), -1 after them / elsewhere
 
 
 NON_FINITE, NOTHING_LEFT = 1, 2  # bits of bad_rows
@@ -57,7 +58,7 @@ def decode_one_token(model: GPT2, fixed: SlotFixed, state: SlotState, controls, 
     h = model.hidden(state.tok[:, None], pos, None, fixed.where._replace(gen_pos=gen_pos))[:, 0]  # (S, C)
     logits = heads_matmul_groups(h, fixed.heads, fixed.sizes).float()  # (S, V)
     blocks = fixed.blocks if plan.beams else None
-    state, src = next_token(logits, state, fixed.key, fixed.prompt_len, controls, plan, blocks)
+    state, src = next_token(logits, state, fixed.key, fixed.prompt_len, controls, plan, blocks, fixed.forced)
     if src is not None:  # the beams' reordering: each new beam's cache row is its parent's
         for block in model.transformer.h:
             block.attn.kv_cache.reorder(blocks.reshape(-1), src)
@@ -65,26 +66,35 @@ def decode_one_token(model: GPT2, fixed: SlotFixed, state: SlotState, controls, 
 
 
 def next_token(logits: Tensor, state: SlotState, key: Tensor, prompt_len: int, controls, plan,
-               blocks: Tensor | None = None) -> tuple[SlotState, Tensor | None]:
+               blocks: Tensor | None = None, forced: Tensor | None = None) -> tuple[SlotState, Tensor | None]:
     """Processing, sampling and end-of-stream bookkeeping, shared by the first token (from the
     prefill, n_gen = 0) and every decode step. The new token goes to history column Tp + n_gen.
-    With beam blocks (nb, W), also returns the row each block row now continues (nb * W,)."""
+    With beam blocks (nb, W), also returns the row each block row now continues (nb * W,). A forced
+    stream (a choice being scored, plan.forced) takes its next id from `forced` (S, G) and keeps the
+    head's own log-probability of it (before any processor) until its ids run out."""
     cur = prompt_len + state.n_gen  # (S,) history length before the new token
     if plan.beams:  # beam search ranks log-probs; the processors then act on them, as in HF
         logits = torch.where(controls.num_beams[:, None] > 1, logits.log_softmax(-1), logits)
     scores = processors(logits, state.history, cur, state.n_gen, controls, plan)  # the warpers are in `draw`
     noise = stream_noise(key, state.n_gen, noise_width(plan, logits.size(-1))) if plan.any_sample else None
     nxt = torch.where(state.unfinished, draw(scores, noise, controls, plan), controls.pad)
+    col = state.n_gen.clamp(max=state.logp.size(1) - 1)[:, None]  # the new token's generated column
+    if plan.forced:
+        nxt = torch.where(controls.forced & state.unfinished, forced.gather(1, col)[:, 0], nxt)
     # An ended or idle slot's history is never read again (a new stream brings its own row): no mask.
     history = state.history.scatter(1, cur.clamp(max=state.history.size(1) - 1)[:, None], nxt[:, None])
     done = (nxt[:, None] == controls.eos).any(-1) | (state.n_gen + 1 >= controls.max_new)
+    if plan.forced:
+        done = torch.where(controls.forced, state.n_gen + 1 >= (forced >= 0).sum(1), done)
     bad = state.bad | bad_rows(logits, scores, state.unfinished)
     n_gen = state.n_gen + state.unfinished.long()
-    col = state.n_gen.clamp(max=state.logp.size(1) - 1)[:, None]  # the new token's generated column
     logp, warped = state.logp, None
     if plan.logprobs:  # as transformers' compute_transition_scores(..., normalize_logits=True)
         warped = warp(scores, controls, plan) if plan.any_sample else scores
-        logp = logp.scatter(1, col, warped.log_softmax(-1).gather(1, nxt[:, None]))
+        lp = warped.log_softmax(-1).gather(1, nxt[:, None])
+        if plan.forced:
+            lp = torch.where(controls.forced[:, None], logits.log_softmax(-1).gather(1, nxt[:, None]), lp)
+        logp = logp.scatter(1, col, lp)
     new = SlotState(nxt, n_gen, state.unfinished & ~done, history, bad, logp, state.beams)
     if blocks is None:
         return new, None

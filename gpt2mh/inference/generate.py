@@ -46,12 +46,16 @@ def _prompts(model: GPT2, input_ids, attention_mask) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-def _setup(model: GPT2, prompts: list[list[int]], heads, per_head, compile, seed, generator, slots, controls):
+def _setup(model: GPT2, prompts: list[list[int]], heads, per_head, compile, seed, generator, slots, controls,
+           tokenizer=None):
     compile = use_compile(compile, model)
     names, configs = call_configs(model, heads, controls, per_head)
     width = max(len(p) for p in prompts)
     check_room(model, width, configs)
-    engine = make_engine(model, names, configs, len(prompts), width, compile, slots)
+    if tokenizer is None and any(c.stop_strings or c.choices for c in configs):
+        raise ValueError("stop_strings and choices: pass tokenizer= too (stop strings are matched in the decoded "
+                         "text, as transformers' generate(stop_strings=..., tokenizer=...) does; choices are encoded)")
+    engine = make_engine(model, names, configs, len(prompts), width, compile, slots, tokenizer)
     return names, configs, engine, _requests(prompts, names, configs, call_seed(seed, generator, model.device))
 
 
@@ -71,21 +75,24 @@ class GenerateOutput:
 def generate(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              heads: Sequence[str] | None = None, *, per_head: Mapping | None = None, compile: bool | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, slots: int | None = None,
-             return_dict_in_generate: bool = False, **controls) -> dict[str, torch.Tensor | GenerateOutput]:
+             return_dict_in_generate: bool = False, tokenizer=None,
+             **controls) -> dict[str, torch.Tensor | GenerateOutput]:
     """Continue each prompt with every selected head; see `gpt2mh.MultiHeadGPT2.generate`.
 
     Returns {head: LongTensor (B * num_return_sequences, new_tokens)}: prompt-major rows (HF's order),
     each stream's tokens (its EOS included), then pad, as wide as the longest stream. With
-    return_dict_in_generate=True, {head: GenerateOutput}: with output_scores=True also each token's
+    return_dict_in_generate=True, {head: GenerateOutput} (a choices head: its answer's log-probability in
+    sequences_scores): with output_scores=True also each token's
     log-probability after the processors (what transformers' `compute_transition_scores` gives:
     normalize_logits=True for greedy and sampling, the beam search's own scores with beams) and, for
-    beam search, each returned hypothesis' length-penalised score (HF's `sequences_scores`)."""
+    beam search, each returned hypothesis' length-penalised score (HF's `sequences_scores`).
+    stop_strings need `tokenizer` (as in transformers); the ids keep the tokens that complete one."""
     if not isinstance(return_dict_in_generate, bool):
         raise ValueError(f"return_dict_in_generate={return_dict_in_generate!r} must be True or False")
     controls = hf_aliases(controls, input_ids)
     prompts = _prompts(model, input_ids, attention_mask)
     names, configs, engine, requests = _setup(model, prompts, heads, per_head, compile, seed, generator, slots,
-                                              controls)
+                                              controls, tokenizer)
     results = {}
     for r in engine.run(requests):
         _raise(r)
@@ -100,11 +107,14 @@ def generate(model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             out[name] = seq
             continue
         out[name] = GenerateOutput(seq)
+        if cfg.choices:  # the answer's log-probability (its ids, </s> included)
+            out[name].sequences_scores = torch.tensor([results[b].choice[name][1] for b in range(len(prompts))],
+                                                      device=model.device)
         if cfg.output_scores:
             lp = [x for b in range(len(prompts)) for x in results[b].scores[name]]
             out[name].transition_scores = torch.tensor([x + [0.0] * (width - len(x)) for x in lp],
                                                        device=model.device).view(len(rows), width)
-            if cfg.num_beams > 1:
+            if cfg.num_beams > 1 and not cfg.choices:
                 out[name].sequences_scores = torch.tensor(
                     [x for b in range(len(prompts)) for x in results[b].sequence_scores[name]], device=model.device)
     return out
@@ -118,16 +128,17 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
 
     Flush rule: a row's text is re-decoded each step and everything that is stable is emitted —
     every complete character at once, Japanese included (no waiting for a space or a kanji as
-    transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits."""
+    transformers' TextStreamer does); only a trailing U+FFFD or a partial whitespace run waits, and
+    with stop_strings a tail that may still become one (the stop string itself is never sent)."""
+    check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
     controls = hf_aliases(controls, input_ids)
     prompts = _prompts(model, input_ids, attention_mask)
     names, configs, engine, requests = _setup(model, prompts, heads, per_head, compile, seed, generator, slots,
-                                              controls)
+                                              controls, tokenizer)
     searching = [n for n, c in zip(names, configs) if c.num_beams > 1]
     if searching:  # as transformers' streamers: a beam's tokens are not final until the search ends
         raise ValueError(f"stream: head(s) {searching} search with num_beams > 1, whose text is only known when "
                          f"the search ends; use generate_text (or num_beams=1 to stream)")
-    check_vocab(tokenizer, model)  # as generate_text and score_text: ids of another vocabulary are nonsense
     cfg = dict(zip(names, configs))
     order = {name: n for n, name in enumerate(names)}
     ids: dict[tuple[str, int], list[int]] = {}
@@ -135,6 +146,8 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
     for event in engine.events(requests):
         if isinstance(event, Result):
             _raise(event)
+            for name, (best, _) in event.choice.items():  # a choices head answers when all are scored
+                yield name, event.key, cfg[name].choices[best]
             continue
         items = sorted(event.items, key=lambda e: (order[e[1]], e[0], e[2]))
         for b, name, r, tok in items:
@@ -142,8 +155,11 @@ def stream(model: GPT2, tokenizer, input_ids, attention_mask=None, heads=None, *
             done = tok in cfg[name].eos_token_id
             if not done:
                 ids.setdefault(key, []).append(tok)
+            done = done or len(ids.get(key, [])) >= cfg[name].max_new_tokens  # its last token: flush everything
             text = tokenizer.decode(ids.get(key, []))
-            stable = (text if done else text.rstrip()).rstrip("\ufffd")
+            stops = cfg[name].stop_strings
+            stable = cut_stop(text, stops) if done or _has(text, stops) else hold_stop(text.rstrip(), stops)
+            stable = stable.rstrip("\ufffd")
             old = sent.get(key, "")
             if stable.startswith(old) and len(stable) > len(old):
                 yield name, key[1], stable[len(old):]
@@ -176,7 +192,7 @@ def _text_rows(model, tokenizer, prompts, n, width, heads, per_head, compile, se
     controls = hf_aliases(controls, [[0] * width])
     compile = use_compile(compile, model)
     names, configs = call_configs(model, heads, controls, per_head)
-    engine = make_engine(model, names, configs, n, width, compile, slots)
+    engine = make_engine(model, names, configs, n, width, compile, slots, tokenizer)
     seed = call_seed(seed, generator, model.device)
     for r in engine.run(_requests(prompts, names, configs, seed)):
         if r.error:
@@ -186,9 +202,14 @@ def _text_rows(model, tokenizer, prompts, n, width, heads, per_head, compile, se
         for name, c in zip(names, configs):
             if name not in r.tokens:  # a row that did not ask for this head
                 continue
-            decoded = [tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)) for ids in r.tokens[name]]
-            out[name] = decoded if c.num_return_sequences > 1 else decoded[0]
             used[name] = sum(len(ids) for ids in r.tokens[name])
+            if c.choices:  # the choice itself (its ids may not decode to the same string), and its log-prob
+                out[name] = c.choices[r.choice[name][0]]
+                used.setdefault("logprobs", {})[name] = r.choice[name][1]
+                continue
+            decoded = [cut_stop(tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)), c.stop_strings)
+                       for ids in r.tokens[name]]
+            out[name] = decoded if c.num_return_sequences > 1 else decoded[0]
         yield r.key, out, used
 
 
@@ -207,6 +228,28 @@ def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None
             raise ValueError(f"input {i}: {out}")
         rows[i] = out
     return {name: [rows[i][name] for i in range(len(prompts))] for name in rows[0]}
+
+
+def _has(text: str, stops) -> bool:
+    return any(x in text for x in stops)
+
+
+def cut_stop(text: str, stops) -> str:
+    """The text before its first stop string, as OpenAI's and vLLM's `stop`: the stream ended at the
+    token that completed it (transformers returns the ids with it, which `generate` does too)."""
+    at = [text.find(x) for x in stops if x in text]
+    return text[: min(at)] if at else text
+
+
+def hold_stop(text: str, stops) -> str:
+    """A growing text without its tail that may still become a stop string (streaming holds it back)."""
+    keep = len(text)
+    for x in stops:
+        for k in range(min(len(x) - 1, len(text)), 0, -1):
+            if x.startswith(text[len(text) - k:]):
+                keep = min(keep, len(text) - k)
+                break
+    return text[:keep]
 
 
 def strip_after_eos(ids: list[int], eos_id: int) -> list[int]:

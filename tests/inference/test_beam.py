@@ -214,7 +214,10 @@ def test_bad_beam_settings_name_the_parameter(pair, bad, name):
         pair[1].generate(*batch(), max_new_tokens=3, **bad)
 
 
-def test_streaming_a_beam_search_is_refused(pair):
+def test_streaming_a_beam_search_is_refused(hf_checkpoint):
     from gpt2mh import stream
+    from gpt2mh.tokenizer import Tokenizer
+    _, folder = hf_checkpoint({**CFG, "vocab_size": 32000})
+    model = MultiHeadGPT2.from_pretrained(folder, heads=HEADS)
     with pytest.raises(ValueError, match="num_beams"):
-        list(stream(pair[1], None, *batch(), num_beams=2, max_new_tokens=3))
+        list(stream(model, Tokenizer("tests/fixtures/rinna/spiece.model"), *batch(), num_beams=2, max_new_tokens=3))
