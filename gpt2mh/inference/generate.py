@@ -175,7 +175,8 @@ def generate_rows(model: GPT2, tokenizer, texts: Iterable[str], heads=None, *, p
     same wherever it is in the input; or (key, string, heads) for a row that wants only some of the
     heads); yields (index, {head: text}) in completion order — {head: [texts]} with num_return_sequences > 1 — or (index, error message)
     for an input that cannot be generated (longer than the context), and goes on with the others.
-    usage=True: (index, outputs, {"prompt_tokens": n, head: new tokens}) triples.
+    usage=True: (index, outputs, {"prompt_tokens": n, head: new tokens}) triples (with choices heads also
+    "logprobs": {head: the answer's log-probability}).
     Memory is bounded by `slots` (default: DEFAULT_SLOTS for the device), whatever the count."""
     check_vocab(tokenizer, model)
     if controls.get("max_length") is not None:
