@@ -116,3 +116,13 @@ def test_choices_need_the_tokenizer(setup):
     ids, mask = encode_prompts(tok, PROMPTS[:1], model)
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(ids, mask, choices=["過去"], max_new_tokens=3)
+
+
+@pytest.mark.compile
+def test_choices_beams_and_stop_strings_compiled_equal_eager(setup, CHOICES):
+    model, tok = setup
+    per_head = {"a": {"choices": CHOICES}, "b": {"num_beams": 3, "num_return_sequences": 2},
+                "c": {"stop_strings": ["の", "は"], "do_sample": True}}
+    kw = dict(max_new_tokens=8, per_head=per_head, seed=1)
+    assert generate_text(model, tok, PROMPTS, compile=True, **kw) == generate_text(model, tok, PROMPTS, compile=False,
+                                                                                   **kw)
