@@ -15,6 +15,13 @@ Systems, all with the seed memo's sampling settings, EOS banned (every stream ge
   ct2-int8-nh      one CTranslate2 int8 model, `num_hypotheses=N` (no distinct heads: a lower bound)
                    CTranslate2 systems are skipped with a message when ctranslate2 is not installed.
 
+With --num-beams K every system searches instead of sampling (greedy beam search, K beams per head,
+EOS banned, bad words as above): gpt2mh's N heads in one call, transformers' N models with
+`num_beams=K`, CTranslate2's N models with `beam_size=K` (hf-nrs and ct2-int8-nh have no beam form):
+
+    python benchmarks/bench_generate.py --num-beams 4 --heads 3 --batch 1 \
+        --systems gpt2mh-int8,gpt2mh-int8-compiled,gpt2mh-eager,hf-separate,ct2-int8-separate,ct2-fp32-separate
+
 Scenarios (system x heads x batch) are interleaved round by round, so a slow moment of a shared
 machine hits every system alike. Peak RSS comes from a fresh child process per system
 (`--isolate`). Writes JSON; `report.py` makes the plot and the table.
@@ -75,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default), or none")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-beams", dest="num_beams", type=int, default=1,
+                   help="beam search with this many beams per head instead of sampling (default 1: sampling)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate-<device>.json)")
     p.add_argument("--quick", action="store_true", help="smoke test: heads 1,3; batch 1; 1 round")
     # Internal: run one system in this (child) process and write its memory figures.
@@ -90,11 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [s for s in a.systems if s not in SYSTEMS]
     if bad:
         p.error(f"unknown system(s) {bad}; choose from {list(SYSTEMS)}")
+    if a.num_beams > 1 and {"hf-nrs", "ct2-int8-nh"} & set(a.systems):
+        p.error("--num-beams: hf-nrs and ct2-int8-nh have no beam search form; leave them out of --systems")
     if a.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (a decode round is timed from the second token on)")
     a.device = torch.device(a.device)
     a.dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.type == "cuda" else "float32"))
-    a.out = Path(a.out or common.RESULTS / f"generate-{a.device.type}.json")
+    beams = f"-beam{a.num_beams}" if a.num_beams > 1 else ""
+    a.out = Path(a.out or common.RESULTS / f"generate{beams}-{a.device.type}.json")
     return a
 
 
@@ -164,9 +176,10 @@ def checkpoint_config(folder: Path):
 
 
 # ---- systems ----------------------------------------------------------------------------------
-def controls(cfg, new_tokens: int) -> dict:
+def controls(cfg, new_tokens: int, num_beams: int = 1) -> dict:
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-    return dict(SAMPLING, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=cfg.eos_token_id,
+    how = SAMPLING if num_beams == 1 else dict(do_sample=False, num_beams=num_beams, bad_words_ids=SAMPLING["bad_words_ids"])
+    return dict(how, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=cfg.eos_token_id,
                 pad_token_id=pad, bos_token_id=cfg.bos_token_id)
 
 
@@ -241,8 +254,9 @@ class CT2:
 
     def __call__(self, ids, mask, kw, seed) -> list[torch.Tensor]:
         start = [[f"t{i}" for i, m in zip(row, mrow) if m] for row, mrow in zip(ids.tolist(), mask.tolist())]
-        opts = dict(sampling_topk=kw["top_k"], sampling_topp=kw["top_p"], sampling_temperature=kw["temperature"],
-                    max_length=kw["max_new_tokens"], min_length=kw["min_new_tokens"],
+        search = dict(beam_size=kw["num_beams"]) if kw.get("num_beams", 1) > 1 else dict(
+            sampling_topk=kw["top_k"], sampling_topp=kw["top_p"], sampling_temperature=kw["temperature"])
+        opts = dict(search, max_length=kw["max_new_tokens"], min_length=kw["min_new_tokens"],
                     suppress_sequences=[[f"t{i}" for i in w] for w in kw["bad_words_ids"]],
                     include_prompt_in_result=False, num_hypotheses=self.hyp)
         self.conn.send((self.quant, self.models, start, opts, seed))
@@ -371,7 +385,7 @@ def run_once(fn, ids, mask, kw, seed, device):
 def warm_up(systems, scenarios, prompts, cfg, args, records):
     """First call of each scenario, outputs checked. gpt2mh-compiled compiles its decode step there
     and makes one more (warm) call: compile time = first call - warm call."""
-    kw = controls(cfg, args.new_tokens)
+    kw = controls(cfg, args.new_tokens, args.num_beams)
     for n, b in scenarios:
         for name in args.systems:
             ids, mask, fn, rec = *prompts[b], systems[name, n], records[name, n, b]
@@ -380,13 +394,13 @@ def warm_up(systems, scenarios, prompts, cfg, args, records):
             rec.first_call_s = dt
             if name.endswith("-compiled"):
                 rec.warm_call_s, _ = common.timed(lambda: fn(ids, mask, kw, args.seed), args.device)
-            common.timed(lambda: fn(ids, mask, controls(cfg, 1), args.seed), args.device)
+            common.timed(lambda: fn(ids, mask, controls(cfg, 1, args.num_beams), args.seed), args.device)
             common.log(f"warm-up {name:16s} N={n} B={b}: first call {dt:7.2f} s"
                        + (f", warm call {rec.warm_call_s:.2f} s" if rec.warm_call_s else ""))
 
 
 def timed_round(r, systems, scenarios, prompts, cfg, args, records):
-    full, pre = controls(cfg, args.new_tokens), controls(cfg, 1)
+    full, pre = controls(cfg, args.new_tokens, args.num_beams), controls(cfg, 1, args.num_beams)
     order = args.systems[r % len(args.systems):] + args.systems[: r % len(args.systems)]
     for n, b in scenarios:
         for name in order:
@@ -452,7 +466,7 @@ def child(args) -> None:
             fn = HFSeparate(hf) if what == "hf-separate" else HFReturnSequences(hf[0], n)
         fig["rss_after_load"] = common.rss_bytes()
         ids, mask = make_prompt(b, args.prompt_len, cfg, args.seed, args.device)
-        kw = controls(cfg, args.new_tokens)
+        kw = controls(cfg, args.new_tokens, args.num_beams)
         fn(ids, mask, kw, args.seed)
         fig["peak_rss_first_call"] = common.peak_rss_bytes()  # load + first call (+ compile)
         fig["peak_reset"] = common.reset_peak_rss()
@@ -470,6 +484,7 @@ def child_args(args, what: str, n: int, b: int, folder: Path) -> list[str]:
     return ["--isolate", what, "--heads", str(n), "--batch", str(b), "--weights", str(folder),
             "--device", str(args.device), "--dtype", str(args.dtype).removeprefix("torch."),
             "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--seed", str(args.seed),
+            "--num-beams", str(args.num_beams),
             *(["--threads", str(args.threads)] if args.threads else [])]
 
 
@@ -499,7 +514,8 @@ def payload(args, records, shape, bandwidths, baselines, started, complete) -> d
         "settings": {"heads": args.heads, "batch": args.batch, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "rounds": args.rounds, "device": str(args.device),
                      "dtype": str(args.dtype).removeprefix("torch."), "weights": args.weights,
-                     "systems": args.systems, "sampling": SAMPLING, "seed": args.seed, "quick": args.quick,
+                     "systems": args.systems, "sampling": SAMPLING if args.num_beams == 1 else None,
+                     "num_beams": args.num_beams, "seed": args.seed, "quick": args.quick,
                      "threads": torch.get_num_threads(), "rss_scenarios": args.rss},
         "model": {"trunk_bytes": shape.trunk, "embedding_bytes": shape.embed, "head_bytes": shape.head,
                   "kv_bytes_per_token_per_stream": shape.kv_token, "hf_lm_head_tied": shape.tied},

@@ -169,7 +169,8 @@ def run_file_job(args, model, tok, heads, kwargs) -> None:
             f.flush()  # the row survives a kill of this process from now on
             if "error" in record:
                 errors.append(record["line"])
-            progress.update(sum(v for k, v in (used or {}).items() if k != "prompt_tokens"), "error" in record)
+            progress.update(sum(v for k, v in (used or {}).items() if k != "prompt_tokens" and isinstance(v, int)),
+                            "error" in record)
 
         try:
             for n, got, used in generate_rows(model, tok, rows(), heads, usage=True, slots=args.slots, **kwargs):
@@ -177,7 +178,8 @@ def run_file_job(args, model, tok, heads, kwargs) -> None:
                 if isinstance(got, str):
                     write({"line": n, "input": text, "error": got})
                 else:
-                    write({"line": n, "input": text, **got}, used)
+                    logprobs = {"logprobs": used["logprobs"]} if "logprobs" in used else {}  # choices' answers
+                    write({"line": n, "input": text, **got, **logprobs}, used)
             os.fsync(f.fileno())
         finally:
             progress.close()

@@ -79,18 +79,20 @@ def cmd_generate(args) -> None:
         return
     encode_prompts(tok, texts, model)  # an input too long for the context is refused before any work
     ready, nxt = {}, 0
-    for i, out in generate_rows(model, tok, texts, heads, slots=args.slots, **kwargs):  # printed in input order
+    rows = generate_rows(model, tok, texts, heads, slots=args.slots, usage=True, **kwargs)
+    for i, out, used in rows:  # printed in input order
         if isinstance(out, str):
             raise ValueError(f"input {i}: {out}")
-        ready[i] = out
+        ready[i] = out, used.get("logprobs")
         while nxt in ready:
-            print_row(texts[nxt], ready.pop(nxt), names, args.json)
+            print_row(texts[nxt], *ready.pop(nxt), names, args.json)
             nxt += 1
 
 
-def print_row(text: str, out: dict, names: list[str], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"input": text, **{h: out[h] for h in names}}, ensure_ascii=False), flush=True)
+def print_row(text: str, out: dict, logprobs: dict | None, names: list[str], as_json: bool) -> None:
+    if as_json:  # a choices head's answer comes with its log-probability
+        print(json.dumps({"input": text, **{h: out[h] for h in names}, **({"logprobs": logprobs} if logprobs else {})},
+                         ensure_ascii=False), flush=True)
         return
     print(text)
     for h in names:
@@ -132,8 +134,14 @@ def add_parsers(add) -> None:
     s.add_argument("--revision")
     s.add_argument("--file", help="one input per line, or (.jsonl) {\"input\": ..., \"heads\": [...]} per line")
     s.add_argument("--heads", help="comma-separated subset of heads")
-    s.add_argument("--controls", help="controls for all heads, e.g. do_sample=true,temperature=1.5,top_p=0.95")
-    s.add_argument("--head", action="append", metavar="NAME:KEY=VALUE,...", help="controls for one head")
+    s.add_argument("--controls", help="controls for all heads, transformers' names: do_sample, temperature, top_k, "
+                   "top_p, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids, "
+                   "min_new_tokens, max_new_tokens, num_return_sequences, num_beams, length_penalty, "
+                   "early_stopping (true/false/never), stop_strings, choices; lists separated by '|'. "
+                   "E.g. do_sample=true,temperature=1.5,top_p=0.95 or num_beams=4,length_penalty=0.5")
+    s.add_argument("--head", action="append", metavar="NAME:KEY=VALUE,...",
+                   help="controls for one head, e.g. tense:choices=過去|現在 (the head answers the choice it scores "
+                        "highest; --json and --output add its log-prob) or pos:stop_strings=。")
     s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     s.add_argument("--seed", type=seed_arg)
     s.add_argument("--json", action="store_true", help="one JSON object per input (JSONL)")

@@ -58,6 +58,11 @@ class SlotCache(nn.Module):
         return (S, P, Tp, G) == (slots, prompt_rows, prompt_len, gen_len) and self.k_gen.dtype == dtype \
             and self.k_gen.device == torch.device(device)
 
+    def reorder(self, rows: Tensor, src: Tensor) -> None:
+        """Beam search: generated-cache row rows[i] becomes a copy of row src[i] (its new beam's parent)."""
+        self.k_gen.index_copy_(0, rows, self.k_gen[src])
+        self.v_gen.index_copy_(0, rows, self.v_gen[src])
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, where) -> Tensor:
         if isinstance(where, Prefill):
             return self._prefill(q, k, v, mask, where)

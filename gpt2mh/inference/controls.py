@@ -17,8 +17,9 @@ from torch import Tensor
 
 from .._checks import FLOAT32_MAX, float_setting, is_int, merge_settings, plain_number
 
-_INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_new_tokens", "max_new_tokens", "num_return_sequences")
-_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty")
+_INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_new_tokens", "max_new_tokens", "num_return_sequences",
+               "num_beams")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty")
 _TYPICAL_OFF = 2.0  # typical mass > 1: every cumulative prob is below it, so nothing is removed
 _TOP_P_OFF = -1.0  # cut below any cumulative prob: nothing is removed
 # Each float control's domain (low, high, low open?, note), checked by the one rule `_checks.float_setting`
@@ -31,7 +32,9 @@ _FLOAT_DOMAINS = {
     "min_p": (0.0, 1.0, False, "must be in [0, 1] (0 = off)"),
     "typical_p": (0.0, 1.0, True, "must be in (0, 1] (1 = off)"),
     "repetition_penalty": (0.0, FLOAT32_MAX, True, "must be > 0 (1 = off)"),
+    "length_penalty": (-FLOAT32_MAX, FLOAT32_MAX, False, "must be a finite number (beam search only)"),
 }
+_EARLY_STOPPING = {False: 0, True: 1, "never": 2}  # transformers' values, as Controls.early_stopping codes
 
 
 def _tuple(x):
@@ -55,6 +58,12 @@ class SamplingConfig:
     token when the stream's last tokens equal the rest. eos_token_id / pad_token_id None are filled
     by the generation code with the model's ids. Construction does not check ranges: call
     `validate` (or use `replace` / `from_string`, which do).
+
+    Beam search (`gpt2mh.inference.beam`): num_beams > 1, with length_penalty, early_stopping
+    (True / False / "never") and num_return_sequences <= num_beams as in transformers; do_sample=True
+    with beams is beam sampling. stop_strings end a stream when its decoded text ends with one of them
+    (the engine's caller decodes). output_scores: keep each generated token's log-probability (and a
+    beam hypothesis' score). choices: the head answers one of these strings (`gpt2mh.inference.choices`).
     """
 
     do_sample: bool = False
@@ -71,11 +80,20 @@ class SamplingConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     num_return_sequences: int = 1
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    stop_strings: tuple[str, ...] = ()
+    output_scores: bool = False
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self):
         words = self.bad_words_ids if self.bad_words_ids is not None else ()
         object.__setattr__(self, "bad_words_ids", tuple(_tuple(w) for w in _tuple(words)))
         object.__setattr__(self, "eos_token_id", _tuple(self.eos_token_id))
+        for name in ("stop_strings", "choices"):  # HF also takes one string
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else _tuple(v) if v is not None else ())
         for name in _INT_FIELDS + _FLOAT_FIELDS:  # numpy / 0-d torch scalars -> Python numbers
             object.__setattr__(self, name, plain_number(getattr(self, name)))
 
@@ -99,6 +117,22 @@ class SamplingConfig:
                  "must be >= 0 (0 = off)")
         _require(self.num_return_sequences >= 1, "num_return_sequences", self.num_return_sequences, "must be >= 1")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.num_beams >= 1, "num_beams", self.num_beams, "must be >= 1 (1 = no beam search)")
+        _require(self.num_beams == 1 or self.num_return_sequences <= self.num_beams, "num_return_sequences",
+                 self.num_return_sequences, f"must be <= num_beams={self.num_beams} with beam search")
+        _require(any(self.early_stopping is k for k in (True, False)) or self.early_stopping == "never",
+                 "early_stopping", self.early_stopping, 'must be True, False or "never"')
+        _require(isinstance(self.output_scores, bool), "output_scores", self.output_scores, "must be True or False")
+        for name in ("stop_strings", "choices"):
+            v = getattr(self, name)
+            _require(isinstance(v, tuple) and all(isinstance(x, str) and x for x in v), name, v,
+                     "must be a list of non-empty strings")
+        _require(len(set(self.choices)) == len(self.choices), "choices", self.choices, "must not repeat a string")
+        _require(not (self.choices and (self.num_beams > 1 or self.num_return_sequences > 1)), "choices",
+                 self.choices, "answers with the one choice it scores highest: num_beams and num_return_sequences "
+                 "do not apply (drop one of them)")
+        _require(not (self.stop_strings and self.num_beams > 1), "stop_strings", self.stop_strings,
+                 "are not supported with num_beams > 1 yet: cut the returned texts instead, or use num_beams=1")
         _require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", self.min_new_tokens,
                  f"must be in [0, max_new_tokens={self.max_new_tokens}]")
         allowed = "token ids must be integers >= 0" + (f" and < vocab_size={vocab_size}" if vocab_size else "")
@@ -185,6 +219,10 @@ _PARSERS = {
     "bad_words_ids": _parse_words,
     "eos_token_id": _parse_eos,
     "pad_token_id": _parse_pad,
+    "early_stopping": lambda s: "never" if s.lower() == "never" else _parse_bool(s),
+    "stop_strings": lambda s: tuple(x for x in s.split("|") if x),
+    "choices": lambda s: tuple(x for x in s.split("|") if x),
+    "output_scores": _parse_bool,
 }
 
 
@@ -204,6 +242,9 @@ class Plan:
     min_p: bool = False
     typical_p: bool = False
     top_k_bounds: bool = False  # every sampling stream has a top_k and none a typical_p: see `draw`
+    beams: bool = False  # some stream searches with num_beams > 1 (`gpt2mh.inference.beam`)
+    logprobs: bool = False  # some stream keeps its tokens' log-probabilities (output_scores, beams, choices)
+    forced: bool = False  # some stream's tokens are given: a choice being scored (`SamplingConfig.choices`)
 
 
 class Controls(NamedTuple):
@@ -229,6 +270,11 @@ class Controls(NamedTuple):
     min_new: Tensor  # [S] long min_new_tokens (0 when the stream has no EOS)
     max_new: Tensor  # [S] long
     pad: Tensor  # [S] long
+    num_beams: Tensor  # [S] long, 1 = no beam search
+    length_penalty: Tensor  # [S] f64 (HF divides by generated_len ** length_penalty computed in double)
+    early_stopping: Tensor  # [S] long: 0 False, 1 True, 2 "never"
+    beam_keep: Tensor  # [S] long: candidates kept per beam, max(2, 1 + number of EOS ids) (HF)
+    forced: Tensor  # [S] bool: the stream's tokens are given (a choice being scored), not drawn
 
 
 def build_controls(
@@ -296,6 +342,11 @@ def build_controls(
         min_new=per_stream([c.min_new_tokens if c.eos_ids else 0 for c in configs], torch.long),
         max_new=per_stream([c.max_new_tokens for c in configs], torch.long),
         pad=per_stream([c.pad_token_id for c in configs], torch.long),
+        num_beams=per_stream([c.num_beams for c in configs], torch.long),
+        length_penalty=per_stream([float(c.length_penalty) for c in configs], torch.float64),
+        early_stopping=per_stream([_EARLY_STOPPING[c.early_stopping] for c in configs], torch.long),
+        beam_keep=per_stream([max(2, 1 + len(c.eos_ids)) for c in configs], torch.long),
+        forced=per_stream([bool(c.choices) for c in configs], torch.bool),
     )
     plan = Plan(
         repetition_penalty=any(c.repetition_penalty != 1 for c in used),
@@ -310,5 +361,8 @@ def build_controls(
         min_p=any(c.min_p > 0 for c in sampling),
         typical_p=any(c.typical_p < 1 for c in sampling),
         top_k_bounds=bool(sampling) and all(c.top_k > 0 and c.typical_p == 1 for c in sampling),
+        beams=any(c.num_beams > 1 for c in used),
+        logprobs=any(c.output_scores or c.num_beams > 1 or c.choices for c in used),
+        forced=any(c.choices for c in used),
     )
     return controls, plan

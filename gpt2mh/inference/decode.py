@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from ..model import GPT2, heads_matmul_groups
+from .beam import Beams, beam_step
 from .cache import Decode
-from .sampling import draw, has_nonfinite, noise_width, processors, stream_noise
+from .sampling import draw, has_nonfinite, noise_width, processors, stream_noise, warp
 
 
 class SlotState(NamedTuple):
@@ -31,6 +32,8 @@ class SlotState(NamedTuple):
     unfinished: Tensor  # (S,) bool: a live stream that has not ended
     history: Tensor     # (S, Tp + G) long: prompt right-aligned in [0, Tp) (-1 = padding), then generated ids
     bad: Tensor         # (S,) long: NON_FINITE | NOTHING_LEFT flags, OR-ed over the steps
+    logp: Tensor        # (S, G) f32: each generated token's log-probability (plan.logprobs)
+    beams: Beams        # beam search state (plan.beams; `gpt2mh.inference.beam`)
 
 
 class SlotFixed(NamedTuple):
@@ -41,6 +44,8 @@ class SlotFixed(NamedTuple):
     pos0: Tensor              # (S,) long: position id of the stream's first generated token (its prompt length)
     key: Tensor               # (S,) long: the stream's noise key (seed, input, head, return sequence)
     where: Decode             # the cache layout (gen_pos is derived from n_gen in the step)
+    blocks: Tensor | None     # (nb, W) long: the slots of the beam blocks (None: no beam search)
+    forced: Tensor            # (S, G) long: a scored choice's ids (its EOS included), -1 after them / elsewhere
 
 
 NON_FINITE, NOTHING_LEFT = 1, 2  # bits of bad_rows
@@ -52,22 +57,77 @@ def decode_one_token(model: GPT2, fixed: SlotFixed, state: SlotState, controls, 
     pos = (fixed.pos0 + gen_pos)[:, None]  # (S, 1)
     h = model.hidden(state.tok[:, None], pos, None, fixed.where._replace(gen_pos=gen_pos))[:, 0]  # (S, C)
     logits = heads_matmul_groups(h, fixed.heads, fixed.sizes).float()  # (S, V)
-    return next_token(logits, state, fixed.key, fixed.prompt_len, controls, plan)
+    blocks = fixed.blocks if plan.beams else None
+    state, src = next_token(logits, state, fixed.key, fixed.prompt_len, controls, plan, blocks, fixed.forced)
+    if src is not None:  # the beams' reordering: each new beam's cache row is its parent's
+        for block in model.transformer.h:
+            block.attn.kv_cache.reorder(blocks.reshape(-1), src)
+    return state
 
 
-def next_token(logits: Tensor, state: SlotState, key: Tensor, prompt_len: int, controls, plan) -> SlotState:
+def next_token(logits: Tensor, state: SlotState, key: Tensor, prompt_len: int, controls, plan,
+               blocks: Tensor | None = None, forced: Tensor | None = None) -> tuple[SlotState, Tensor | None]:
     """Processing, sampling and end-of-stream bookkeeping, shared by the first token (from the
-    prefill, n_gen = 0) and every decode step. The new token goes to history column Tp + n_gen."""
+    prefill, n_gen = 0) and every decode step. The new token goes to history column Tp + n_gen.
+    With beam blocks (nb, W), also returns the row each block row now continues (nb * W,). A forced
+    stream (a choice being scored, plan.forced) takes its next id from `forced` (S, G) and keeps the
+    head's own log-probability of it (before any processor) until its ids run out."""
     cur = prompt_len + state.n_gen  # (S,) history length before the new token
+    if plan.beams:  # beam search ranks log-probs; the processors then act on them, as in HF
+        logits = torch.where(controls.num_beams[:, None] > 1, logits.log_softmax(-1), logits)
     scores = processors(logits, state.history, cur, state.n_gen, controls, plan)  # the warpers are in `draw`
     noise = stream_noise(key, state.n_gen, noise_width(plan, logits.size(-1))) if plan.any_sample else None
     nxt = torch.where(state.unfinished, draw(scores, noise, controls, plan), controls.pad)
+    col = state.n_gen.clamp(max=state.logp.size(1) - 1)[:, None]  # the new token's generated column
+    if plan.forced:
+        nxt = torch.where(controls.forced & state.unfinished, forced.gather(1, col)[:, 0], nxt)
     # An ended or idle slot's history is never read again (a new stream brings its own row): no mask.
     history = state.history.scatter(1, cur.clamp(max=state.history.size(1) - 1)[:, None], nxt[:, None])
     done = (nxt[:, None] == controls.eos).any(-1) | (state.n_gen + 1 >= controls.max_new)
+    if plan.forced:
+        done = torch.where(controls.forced, state.n_gen + 1 >= (forced >= 0).sum(1), done)
     bad = state.bad | bad_rows(logits, scores, state.unfinished)
     n_gen = state.n_gen + state.unfinished.long()
-    return SlotState(nxt, n_gen, state.unfinished & ~done, history, bad)
+    logp, warped = state.logp, None
+    if plan.logprobs:  # as transformers' compute_transition_scores(..., normalize_logits=True)
+        warped = warp(scores, controls, plan) if plan.any_sample else scores
+        lp = warped.log_softmax(-1).gather(1, nxt[:, None])
+        if plan.forced:
+            lp = torch.where(controls.forced[:, None], logits.log_softmax(-1).gather(1, nxt[:, None]), lp)
+        logp = logp.scatter(1, col, lp)
+    new = SlotState(nxt, n_gen, state.unfinished & ~done, history, bad, logp, state.beams)
+    if blocks is None:
+        return new, None
+    return _beam_rows(new, state, warped, blocks, key, cur, col, controls, plan)
+
+
+def _beam_rows(new: SlotState, state: SlotState, lp: Tensor, blocks: Tensor, key: Tensor, cur: Tensor, col: Tensor,
+               controls, plan) -> tuple[SlotState, Tensor]:
+    """The rows of beam blocks get the beam search's tokens, histories and states (`beam.beam_step`);
+    the other rows keep `new`'s. lp (S, V): processed, warped log-probs."""
+    rows = blocks.reshape(-1)
+    gumbel = -stream_noise(key, state.n_gen, lp.size(1)).log() if plan.any_sample else None
+    Tp = state.history.size(1) - state.logp.size(1)
+    step = beam_step(lp, blocks, state.n_gen, state.history[:, Tp:], state.logp, state.beams, controls.eos,
+                     controls.max_new, controls.num_beams, controls.length_penalty, controls.early_stopping,
+                     controls.beam_keep, controls.do_sample, gumbel)
+    live = state.unfinished[blocks].any(-1, keepdim=True).expand_as(blocks).reshape(-1)  # the block searches
+    active = (torch.arange(blocks.size(1), device=rows.device) < controls.num_beams[blocks[:, :1]]).reshape(-1)
+    beam = live & active & (controls.num_beams[rows] > 1)  # (nb * W,) rows whose values come from the search
+    src = torch.where(beam, step.src.reshape(-1), rows)
+    tok = step.tok.reshape(-1)
+    unfinished = ~step.done[:, None].expand_as(blocks).reshape(-1)
+
+    def pick(b, old):  # rows of a searching block: the search's value; other rows: new's
+        mask = beam.view(-1, *[1] * (old.dim() - 1))
+        return old.index_copy(0, rows, torch.where(mask, b, old[rows]))
+
+    history = state.history[src].scatter(1, cur[rows].clamp(max=state.history.size(1) - 1)[:, None], tok[:, None])
+    logp = state.logp[src].scatter(1, col[rows], step.tok_logp.reshape(-1, 1))
+    beams = Beams(*(pick(b, old) for b, old in zip(step.beams, new.beams)))
+    out = SlotState(pick(tok, new.tok), pick(state.n_gen[rows] + 1, new.n_gen), pick(unfinished, new.unfinished),
+                    pick(history, new.history), new.bad, pick(logp, new.logp), beams)
+    return out, src
 
 
 def bad_rows(logits, scores, unfinished):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..inputs import encode_target
 from ..kernels.linear import prepack_model
 from ..model import (
     GPT2,
@@ -37,6 +38,7 @@ from ..model import (
     padded_causal_mask,
     position_ids_from_mask,
 )
+from .beam import Beams, empty_beams, first_scores
 from .cache import Decode, Prefill, SlotCache
 from .controls import SamplingConfig, build_controls
 from .decode import (
@@ -71,6 +73,9 @@ class Result:
     tokens: dict[str, list[list[int]]] = field(default_factory=dict)  # head -> one id list per return sequence
     error: str | None = None               # the input was refused (the run goes on)
     prompt_tokens: int = 0
+    scores: dict[str, list[list[float]]] = field(default_factory=dict)  # output_scores: each token's log-prob
+    sequence_scores: dict[str, list[float]] = field(default_factory=dict)  # beam search + output_scores
+    choice: dict[str, tuple[int, float]] = field(default_factory=dict)  # choices: (index of the answer, its log-prob)
 
 
 @dataclass
@@ -85,6 +90,8 @@ class _Input:
     prompt_row: int
     tokens: dict[str, list[list[int] | None]]
     live: int  # streams not yet ended
+    scores: dict[str, list] = field(default_factory=dict)
+    sequence_scores: dict[str, list] = field(default_factory=dict)
 
 
 class Engine:
@@ -93,10 +100,19 @@ class Engine:
     def __init__(self, model: GPT2, heads: Sequence[str], *, slots: int | Mapping[str, int] = 64,
                  returns: Mapping[str, int] | None = None, budgets: Mapping[str, int] | None = None,
                  prompt_rows: int | None = None, prompt_len: int = 64, gen_len: int = 64, compile: bool = False,
-                 prefill_batch: int = PREFILL_BATCH):
+                 prefill_batch: int = PREFILL_BATCH, beams: Mapping[str, int] | None = None,
+                 tokenizer=None):
         self.model, self.names = model, list(heads)
-        self.returns = [int((returns or {}).get(h, 1)) for h in self.names]
-        self.sizes = tuple(group_sizes(self.names, slots, self.returns, budgets))
+        self.tokenizer = tokenizer  # text <-> ids, for stop_strings and choices
+        self.choice_ids: dict[tuple[str, ...], list[list[int]]] = {}  # choices -> each one's ids, </s> included
+        # beam search: a head that may search (beams[h] > 1) gives each input a block of W slots
+        self.max_beams = [int((beams or {}).get(h, 1)) for h in self.names]
+        self.W = max(self.max_beams)
+        self.searching = [b > 1 for b in self.max_beams]
+        self.max_returns = [int((returns or {}).get(h, 1)) for h in self.names]
+        self.returns = [self.W if b else r for b, r in zip(self.searching, self.max_returns)]  # rows per input
+        sizes = group_sizes(self.names, slots, self.returns, budgets)
+        self.sizes = tuple(-(-z // self.W) * self.W if b else z for z, b in zip(sizes, self.searching))
         self.S = sum(self.sizes)
         self.K = sum(self.returns)  # members per prompt row: every stream an input can have
         self.P = prompt_rows or self.S
@@ -104,6 +120,8 @@ class Engine:
         self.compile, self.prefill_batch = compile, prefill_batch
         self.first_slot = [sum(self.sizes[:n]) for n in range(len(self.names))]
         self.member0 = [sum(self.returns[:n]) for n in range(len(self.names))]
+        blocks = [torch.arange(a, a + z) for a, z, b in zip(self.first_slot, self.sizes, self.searching) if b]
+        self.blocks = torch.cat(blocks).view(-1, self.W).to(model.device) if blocks else None  # (nb, W)
         self.waiting: deque[Request] = deque()  # read from the source, not yet admitted
         self._cancels: deque = deque()  # keys from cancel(); deque.append is atomic (any thread)
         idx = model.head_index(self.names)
@@ -143,18 +161,24 @@ class Engine:
                                n_gen=torch.ones(S, dtype=torch.long, device=dev),
                                unfinished=torch.zeros(S, dtype=torch.bool, device=dev),
                                history=torch.full((S, self.Tp + self.G), -1, dtype=torch.long, device=dev),
-                               bad=torch.zeros(S, dtype=torch.long, device=dev))
+                               bad=torch.zeros(S, dtype=torch.long, device=dev),
+                               logp=torch.zeros(S, self.G, device=dev), beams=empty_beams(S, self.G, dev))
         self.pos0 = torch.zeros(S, dtype=torch.long, device=dev)
         self.key = torch.zeros(S, dtype=torch.long, device=dev)
+        self.forced = torch.full((S, self.G), -1, dtype=torch.long, device=dev)
         self.prompt_valid = torch.zeros(self.P, self.Tp, dtype=torch.bool, device=dev)
         self.grid = [S] * (self.P * self.K)  # host copies of the layout, uploaded when it changes
         self.cell = [0] * S
         self.slot_stream: list[tuple[_Input, int, int] | None] = [None] * S  # (input, head n, r)
         self.slot_cfg: list[SamplingConfig | None] = [None] * S
-        self.free_slots = [deque(range(a, a + n)) for a, n in zip(self.first_slot, self.sizes)]
+        # free slots per head group; a searching head's: the first slot of each free block of W
+        self.free_slots = [deque(range(a, a + n, self.W if b else 1))
+                           for a, n, b in zip(self.first_slot, self.sizes, self.searching)]
+        self.block_live: dict[int, int] = {}  # a searching head's block (first slot) -> its live streams
         self.free_rows = deque(range(self.P))
         self.configs: list[SamplingConfig] = []  # every config seen: the plan covers them all
         self.was_live = [False] * S
+        self.stop_ids: dict[int, tuple[list[int], int]] = {}  # slot -> (ids so far, their text's length): stop_strings
         self.step_fn = compiled_decode_step(self.model.device.type) if self.compile else decode_one_token
 
     def _loop(self, requests, tokens: bool) -> Iterator[Result | Tokens]:
@@ -191,7 +215,9 @@ class Engine:
                 raise broken_streams_error(bad, lambda s: self.names[self._head_of(s)])
             if tokens:
                 yield Tokens([(st[0].request.key, self.names[st[1]], st[2], tok[s])
-                              for s, st in enumerate(self.slot_stream) if st is not None and self.was_live[s]])
+                              for s, st in enumerate(self.slot_stream)
+                              if st is not None and self.was_live[s] and _streams(self.slot_cfg[s])])
+            unfinished = self._stop_strings(tok, unfinished)
             ended = [s for s, st in enumerate(self.slot_stream) if st is not None and not unfinished[s]]
             self.was_live = unfinished
             if ended:
@@ -247,7 +273,7 @@ class Engine:
     def _fits(self, req: Request, taken: list[int], rows: int) -> bool:
         if rows >= len(self.free_rows):
             return False
-        return all(len(self.free_slots[n]) - taken[n] >= self._r(req, n) for n in self._heads_of(req))
+        return all(len(self.free_slots[n]) - taken[n] >= self._units(req, n) for n in self._heads_of(req))
 
     def _admit(self, waiting: deque) -> tuple[int, list[Result], list]:
         """Prefill the waiting inputs that fit now (in order); returns (streams now live, results of
@@ -262,11 +288,11 @@ class Engine:
                 break
             req = waiting.popleft()
             for n in self._heads_of(req):
-                taken[n] += self._r(req, n)
+                taken[n] += self._units(req, n)
             batch.append(req)
         if not batch:
             return 0, done, []
-        self._grow(max(len(r.ids) for r in batch), max(c.max_new_tokens for r in batch for c in r.configs.values()))
+        self._grow(max(len(r.ids) for r in batch), max(self._budget(c) for r in batch for c in r.configs.values()))
         live, ended, first = self._prefill(batch)
         return live, done + ended, first
 
@@ -276,16 +302,24 @@ class Engine:
             return f"head(s) {unknown} are not served here (heads: {self.names})"
         if not req.configs:
             return "no head requested"
+        if self.tokenizer is None and any(c.stop_strings or c.choices for c in req.configs.values()):
+            return "stop_strings and choices need the tokenizer (the text <-> ids): pass tokenizer="
         if len(req.ids) == 0:
             return "empty prompt"
-        longest = max(c.max_new_tokens for c in req.configs.values())
+        longest = max(self._budget(c) for c in req.configs.values())
         n_pos = self.model.config.n_positions
         if len(req.ids) + longest > n_pos:
             return (f"prompt length {len(req.ids)} + max_new_tokens {longest} = {len(req.ids) + longest} exceeds "
                     f"the model's context n_positions={n_pos}")
         for h, c in req.configs.items():
-            if c.num_return_sequences > self.returns[self.names.index(h)]:
-                return f"head {h!r}: num_return_sequences={c.num_return_sequences} > {self.returns[self.names.index(h)]}"
+            n = self.names.index(h)
+            if c.num_beams > self.max_beams[n]:
+                return f"head {h!r}: num_beams={c.num_beams} > {self.max_beams[n]}, the most this engine searches with"
+            limit = self.W if self.searching[n] else self.max_returns[n]
+            if c.num_return_sequences > limit:
+                return f"head {h!r}: num_return_sequences={c.num_return_sequences} > {limit}"
+            if len(c.choices) > limit:
+                return f"head {h!r}: {len(c.choices)} choices > {limit}, the most this engine scores at once"
         return None
 
     def _prefill(self, batch: list[Request]) -> tuple[int, list[Result], list]:
@@ -294,8 +328,9 @@ class Engine:
         T = max(len(r.ids) for r in batch)
         ids = torch.tensor([[0] * (T - len(r.ids)) + list(r.ids) for r in batch], dtype=torch.long, device=dev)
         mask = torch.tensor([[0] * (T - len(r.ids)) + [1] * len(r.ids) for r in batch], dtype=torch.long, device=dev)
-        inputs = [_Input(r, self.free_rows.popleft(), {h: [None] * c.num_return_sequences for h, c in r.configs.items()},
-                         0) for r in batch]
+        inputs = [_Input(r, self.free_rows.popleft(), {h: [None] * _outputs(c) for h, c in r.configs.items()},
+                         0, {h: [None] * _outputs(c) for h, c in r.configs.items()},
+                         {h: [None] * _outputs(c) for h, c in r.configs.items()}) for r in batch]
         rows = torch.tensor([x.prompt_row for x in inputs], device=dev)
         last = m.hidden(ids, position_ids_from_mask(mask), padded_causal_mask(mask), Prefill(rows))[:, -1]  # (B, C)
         self.prompt_valid[rows] = F.pad(mask.bool(), (0, self.Tp - T))
@@ -314,39 +349,66 @@ class Engine:
             history[i, self.Tp - len(p):self.Tp] = torch.tensor(p, device=dev)
         key = torch.tensor([self._key(inputs[b].request, n, r) for b, n, r in streams], dtype=torch.long, device=dev)
         M = len(streams)
-        first = next_token(logits, SlotState(torch.zeros(M, dtype=torch.long, device=dev),
-                                             torch.zeros(M, dtype=torch.long, device=dev),
-                                             torch.ones(M, dtype=torch.bool, device=dev), history,
-                                             torch.zeros(M, dtype=torch.long, device=dev)),
-                           key, self.Tp, controls, plan)
+        used = [r < _width(c) for (_, _, r), c in zip(streams, cfgs)]  # a block's rows past its input's own
+        beams = empty_beams(M, self.G, dev)
+        nb = torch.tensor([c.num_beams for c in cfgs], device=dev)
+        beams = beams._replace(score=first_scores(nb, self.W).gather(  # beam r of a block: its initial score
+            1, torch.tensor([r for _, _, r in streams], device=dev)[:, None].clamp(max=self.W - 1))[:, 0])
+        forced = torch.full((M, self.G), -1, dtype=torch.long, device=dev)  # the choices' ids (plan.forced)
+        for i, ((_, _, r), c) in enumerate(zip(streams, cfgs)):
+            if c.choices and r < len(c.choices):
+                ids = self._choices(c)[r]
+                forced[i, :len(ids)] = torch.tensor(ids, device=dev)
+        blocks = [i for i, (_, n, _) in enumerate(streams) if self.searching[n]]
+        blocks = torch.tensor(blocks, device=dev).view(-1, self.W) if plan.beams else None
+        first, _ = next_token(logits, SlotState(torch.zeros(M, dtype=torch.long, device=dev),
+                                                torch.zeros(M, dtype=torch.long, device=dev),
+                                                torch.tensor(used, device=dev), history,
+                                                torch.zeros(M, dtype=torch.long, device=dev),
+                                                torch.zeros(M, self.G, device=dev), beams),
+                              key, self.Tp, controls, plan, blocks, forced)
         if any(first.bad.tolist()):
             raise broken_streams_error(first.bad.tolist(), lambda i: self.names[streams[i][1]])
         tok, unfinished = first.tok.tolist(), first.unfinished.tolist()
-        place, ended = [], []
+        for i, c in enumerate(cfgs):  # a first token that completes a stop string ends its stream
+            if unfinished[i] and c.stop_strings and _completes(self.tokenizer.decode([tok[i]]), 0, c.stop_strings):
+                unfinished[i] = False
+        logp = first.logp[:, 0].tolist()
+        place, ended, block = [], [], {}  # block: (input, head) -> the first slot of its block
         for i, (b, n, r) in enumerate(streams):
-            x = inputs[b]
+            x, name = inputs[b], self.names[n]
             if unfinished[i]:
-                s = self.free_slots[n].popleft()
+                if self.searching[n]:
+                    if (b, n) not in block:
+                        block[b, n] = self.free_slots[n].popleft()
+                        self.block_live[block[b, n]] = 0
+                    s = block[b, n] + r
+                    self.block_live[block[b, n]] += 1
+                else:
+                    s = self.free_slots[n].popleft()
                 place.append((i, s))
+                if cfgs[i].stop_strings:
+                    self.stop_ids[s] = ([tok[i]], len(self.tokenizer.decode([tok[i]])))
                 x.live += 1
                 self.slot_stream[s] = (x, n, r)
                 self.slot_cfg[s] = cfgs[i]
                 cell = x.prompt_row * self.K + self.member0[n] + r
                 self.grid[cell], self.cell[s] = s, cell
-            else:
-                x.tokens[self.names[n]][r] = [tok[i]]
+            elif used[i] and cfgs[i].num_beams == 1:  # a stream (or a choice) that ended at its first token
+                x.tokens[name][r], x.scores[name][r] = [tok[i]], [logp[i]]
+            elif r == 0 and cfgs[i].num_beams > 1:  # a search that ended at its first token (max_new_tokens=1)
+                self._beam_outputs(x, n, first.beams, list(range(i, i + self.W)))
         if place:
             src = torch.tensor([i for i, _ in place], device=dev)
             dst = torch.tensor([s for _, s in place], device=dev)
-            st = self.state
-            self.state = SlotState(st.tok.index_copy(0, dst, first.tok[src]), st.n_gen.index_copy(0, dst, first.n_gen[src]),
-                                   st.unfinished.index_copy(0, dst, first.unfinished[src]),
-                                   st.history.index_copy(0, dst, first.history[src]), st.bad)
+            self.state = _put(self.state, dst, first, src)
             self.pos0[dst] = torch.tensor([len(inputs[streams[i][0]].request.ids) for i, _ in place], device=dev)
             self.key[dst] = key[src]
+            self.forced[dst] = forced[src]
             self.was_live = self.state.unfinished.tolist()
             self._layout_changed()
-        first_tokens = [(inputs[b].request.key, self.names[n], r, tok[i]) for i, (b, n, r) in enumerate(streams)]
+        first_tokens = [(inputs[b].request.key, self.names[n], r, tok[i]) for i, (b, n, r) in enumerate(streams)
+                        if used[i] and _streams(cfgs[i])]  # a beam's tokens are not final until it ends
         for x in inputs:
             if not x.live:
                 ended.append(self._finish(x))
@@ -354,23 +416,78 @@ class Engine:
 
     # ---- retirement -----------------------------------------------------------------------------
     def _retire(self, slots: list[int]) -> Iterator[Result]:
-        n_gen = self.state.n_gen.tolist()
-        rows = self.state.history[torch.tensor(slots, device=self.state.history.device), self.Tp:].tolist()
-        for s, row in zip(slots, rows):
+        st, dev = self.state, self.state.history.device
+        plain = [s for s in slots if self.slot_cfg[s].num_beams == 1]
+        if plain:
+            n_gen = st.n_gen.tolist()
+            rows = st.history[torch.tensor(plain, device=dev), self.Tp:].tolist()
+            logp = st.logp[torch.tensor(plain, device=dev)].tolist()
+            for s, row, lp in zip(plain, rows, logp):
+                x, n, r = self.slot_stream[s]
+                x.tokens[self.names[n]][r], x.scores[self.names[n]][r] = row[: n_gen[s]], lp[: n_gen[s]]
+        for s in slots:  # a search ends all its beams at once: its results are its finished hypotheses
             x, n, r = self.slot_stream[s]
-            x.tokens[self.names[n]][r] = row[: n_gen[s]]
+            if r == 0 and self.slot_cfg[s].num_beams > 1:
+                self._beam_outputs(x, n, st.beams, list(range(s, s + self.W)))
+        for s in slots:
+            x, n, r = self.slot_stream[s]
+            self.stop_ids.pop(s, None)
             self.slot_stream[s], self.slot_cfg[s] = None, None
             self.grid[self.cell[s]] = self.S
-            self.free_slots[n].append(s)
+            if self.searching[n]:  # the block is free when its last stream ends
+                s0 = s - (s - self.first_slot[n]) % self.W
+                self.block_live[s0] -= 1
+                if not self.block_live[s0]:
+                    del self.block_live[s0]
+                    self.free_slots[n].append(s0)
+            else:
+                self.free_slots[n].append(s)
             x.live -= 1
             if not x.live:
                 yield self._finish(x)
         self._layout_changed()
 
+    def _beam_outputs(self, x: _Input, n: int, beams: Beams, rows: list[int]) -> None:
+        """A search's results: the best num_return_sequences finished hypotheses of its block (rows)."""
+        name = self.names[n]
+        idx = torch.tensor(rows[: x.request.configs[name].num_return_sequences], device=beams.fin_tok.device)
+        lens = beams.fin_len[idx].tolist()
+        x.tokens[name] = [t[:k] for t, k in zip(beams.fin_tok[idx].tolist(), lens)]
+        x.scores[name] = [t[:k] for t, k in zip(beams.fin_logp[idx].tolist(), lens)]
+        x.sequence_scores[name] = beams.fin_score[idx].tolist()
+
+    def _stop_strings(self, tok: list[int], unfinished: list[bool]) -> list[bool]:
+        """Streams whose newest token completes one of their stop_strings end here (that token kept, as
+        transformers' StopStringCriteria): `unfinished` with them False, and the same on the device."""
+        hit = []
+        for s, (ids, before) in self.stop_ids.items():
+            if unfinished[s]:
+                ids.append(tok[s])
+                text = self.tokenizer.decode(ids)
+                self.stop_ids[s] = (ids, len(text))
+                if _completes(text, before, self.slot_cfg[s].stop_strings):
+                    hit.append(s)
+        if hit:
+            self.state = self.state._replace(unfinished=self.state.unfinished.index_fill(
+                0, torch.tensor(hit, device=self.state.tok.device), False))
+            unfinished = [u and s not in hit for s, u in enumerate(unfinished)]
+        return unfinished
+
     def _finish(self, x: _Input) -> Result:
         self.free_rows.append(x.prompt_row)
         self.prompt_valid[x.prompt_row] = False
-        return Result(x.request.key, {h: list(rows) for h, rows in x.tokens.items()}, None, len(x.request.ids))
+        cfg = x.request.configs
+        choice = {}
+        for h, c in cfg.items():  # a choices head answers with the choice it scores highest (the first of ties)
+            if c.choices:
+                total = [sum(lp) for lp in x.scores[h]]
+                best = max(range(len(total)), key=total.__getitem__)
+                choice[h] = (best, total[best])
+                x.tokens[h], x.scores[h] = [x.tokens[h][best]], [x.scores[h][best]]
+        return Result(x.request.key, {h: list(rows) for h, rows in x.tokens.items()}, None, len(x.request.ids),
+                      {h: v for h, v in x.scores.items() if cfg[h].output_scores},
+                      {h: v for h, v in x.sequence_scores.items() if cfg[h].output_scores and cfg[h].num_beams > 1},
+                      choice)
 
     # ---- per-slot tensors -------------------------------------------------------------------------
     def _layout_changed(self) -> None:
@@ -381,7 +498,19 @@ class Engine:
                             cell=torch.tensor(self.cell, device=dev), prompt_valid=self.prompt_valid)
 
     def _fixed(self) -> SlotFixed:
-        return SlotFixed(self.heads, self.sizes, self.Tp, self.pos0, self.key, self.where)
+        return SlotFixed(self.heads, self.sizes, self.Tp, self.pos0, self.key, self.where, self.blocks, self.forced)
+
+    def _choices(self, cfg: SamplingConfig) -> list[list[int]]:
+        """Each choice's ids as the head was trained to answer it (`inputs.encode_target`: </s> last)."""
+        if cfg.choices not in self.choice_ids:
+            self.choice_ids[cfg.choices] = [encode_target(self.tokenizer, c) for c in cfg.choices]
+        return self.choice_ids[cfg.choices]
+
+    def _budget(self, cfg: SamplingConfig) -> int:
+        """Generated-cache columns a stream may need: its max_new_tokens, or its longest choice."""
+        if cfg.choices and self.tokenizer is not None:
+            return max(len(ids) for ids in self._choices(cfg))
+        return cfg.max_new_tokens
 
     def _controls(self, cfgs: list[SamplingConfig]):
         for c in cfgs:
@@ -410,7 +539,10 @@ class Engine:
         history = torch.cat([torch.full((self.S, Tp - self.Tp), -1, dtype=torch.long, device=st.history.device),
                              st.history, torch.full((self.S, G - self.G), -1, dtype=torch.long,
                                                     device=st.history.device)], 1)
-        self.state = st._replace(history=history)
+        grow = lambda t: F.pad(t, (0, G - self.G))  # noqa: E731  (S, G) rows: more generated columns
+        self.forced = F.pad(self.forced, (0, G - self.G), value=-1)
+        self.state = st._replace(history=history, logp=grow(st.logp),
+                                 beams=st.beams._replace(fin_tok=grow(st.beams.fin_tok), fin_logp=grow(st.beams.fin_logp)))
         self.prompt_valid = F.pad(self.prompt_valid, (0, Tp - self.Tp))
         self.Tp, self.G = Tp, G
 
@@ -418,7 +550,12 @@ class Engine:
         return [self.names.index(h) for h in req.configs]
 
     def _r(self, req: Request, n: int) -> int:
-        return req.configs[self.names[n]].num_return_sequences
+        """Rows (stream slots) the input takes in head n: a block of W for a head that may search."""
+        return self.W if self.searching[n] else _outputs(req.configs[self.names[n]])
+
+    def _units(self, req: Request, n: int) -> int:
+        """What the input takes from head n's free list: one block, or one slot per stream."""
+        return 1 if self.searching[n] else _outputs(req.configs[self.names[n]])
 
     def _head_of(self, s: int) -> int:
         return max(n for n, a in enumerate(self.first_slot) if a <= s)
@@ -432,6 +569,38 @@ class Engine:
         if isinstance(self.heads, torch.Tensor):
             return self.heads[used]
         return self.heads.select(used)
+
+
+def _completes(text: str, before: int, stops: Sequence[str]) -> bool:
+    """A stop string occurs in `text` and ends past its first `before` characters (the text up to the
+    newest token): HF's rule — the string may run off either end of that token ("st" + "opper" stops
+    at "stop"), but one that ended before it was already seen."""
+    return any(x in text[max(0, before - len(x) + 1):] for x in stops)
+
+
+def _outputs(cfg: SamplingConfig) -> int:
+    """Streams of one input in a head: its return sequences, or one per choice it scores."""
+    return len(cfg.choices) if cfg.choices else cfg.num_return_sequences
+
+
+def _width(cfg: SamplingConfig) -> int:
+    """Rows of its block a stream set uses: its beams, or its streams."""
+    return cfg.num_beams if cfg.num_beams > 1 else _outputs(cfg)
+
+
+def _streams(cfg: SamplingConfig) -> bool:
+    """Its tokens are final as they come (not a beam, not a choice being scored): streamed in Tokens."""
+    return cfg.num_beams == 1 and not cfg.choices
+
+
+def _put(state: SlotState, dst: Tensor, new: SlotState, src: Tensor) -> SlotState:
+    """state with rows dst replaced by new's rows src (every field but the bad flags)."""
+    def put(a, b):
+        return a.index_copy(0, dst, b[src])
+
+    return SlotState(put(state.tok, new.tok), put(state.n_gen, new.n_gen), put(state.unfinished, new.unfinished),
+                     put(state.history, new.history), state.bad, put(state.logp, new.logp),
+                     Beams(*(put(a, b) for a, b in zip(state.beams, new.beams))))
 
 
 def selected_heads(model: GPT2, idx: list[int]) -> Tensor:

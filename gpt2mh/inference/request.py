@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .._checks import as_seed, is_int, merge_settings
-from ..inputs import prompt_width
+from ..inputs import encode_target, prompt_width
 from ..kernels.int8 import stale_layers
 from ..model import GPT2
 from .controls import SamplingConfig
@@ -97,14 +97,15 @@ def check_room(model: GPT2, prompt_len: int, configs: list[SamplingConfig]) -> N
 
 
 def make_engine(model: GPT2, names: list[str], configs: list[SamplingConfig], n_inputs: int | None, prompt_len: int,
-                compile: bool, slots: int | None = None) -> Engine:
+                compile: bool, slots: int | None = None, tokenizer=None) -> Engine:
     """An engine for a call: every input's streams at once when they fit in `slots` (default:
     DEFAULT_SLOTS for the device), else slots split between heads by token budget. n_inputs None:
     unknown (a stream of inputs). Compiled, the shapes are bucketed so later calls reuse the graph."""
     cap = slots if slots is not None else DEFAULT_SLOTS.get(model.device.type, 64)
     if not is_int(cap) or cap < 1:
         raise ValueError(f"slots={slots!r}: expected a number of stream slots >= 1 (or None for the default)")
-    R = [c.num_return_sequences for c in configs]
+    W = max(c.num_beams for c in configs)  # rows per input: a block of the widest search, or its streams
+    R = [W if c.num_beams > 1 else len(c.choices) or c.num_return_sequences for c in configs]
     want = [n_inputs * r for r in R] if n_inputs is not None else None
     if want is not None and sum(want) <= cap:
         sizes = {h: bucket_batch(w) if compile else w for h, w in zip(names, want)}
@@ -112,12 +113,14 @@ def make_engine(model: GPT2, names: list[str], configs: list[SamplingConfig], n_
     else:
         sizes = cap
         rows = None
-    budgets = {h: c.max_new_tokens for h, c in zip(names, configs)}
+    budgets = {h: max(len(encode_target(tokenizer, x)) for x in c.choices) if c.choices and tokenizer is not None
+               else c.max_new_tokens for h, c in zip(names, configs)}  # a choices head: its longest choice
     Tp, G = prompt_len, max(budgets.values())
     if compile:
         Tp, G = round_up(Tp, LEN_BUCKET), round_up(G, LEN_BUCKET)
     return Engine(model, names, slots=sizes, returns=dict(zip(names, R)), budgets=budgets, prompt_rows=rows,
-                  prompt_len=Tp, gen_len=G, compile=compile,
+                  prompt_len=Tp, gen_len=G, compile=compile, beams={h: c.num_beams for h, c in zip(names, configs)},
+                  tokenizer=tokenizer,
                   prefill_batch=min(n_inputs, MAX_PREFILL) if n_inputs else PREFILL_BATCH)
 
 

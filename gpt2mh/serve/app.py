@@ -121,7 +121,7 @@ def outputs(tokenizer, job, results: dict) -> dict:
         r = results[i]
         out = {}
         for h, seqs in r.tokens.items():
-            texts = [text_of(tokenizer, ids) for ids in seqs]
+            texts = [text_of(tokenizer, ids, job.configs[h].stop_strings) for ids in seqs]
             out[h] = texts if job.configs[h].num_return_sequences > 1 else texts[0]
         usage = {"prompt_tokens": r.prompt_tokens, "new_tokens": {h: sum(map(len, s)) for h, s in r.tokens.items()}}
         rows.append({"index": i, "outputs": out, "usage": usage})
@@ -144,14 +144,15 @@ async def stream_events(call: Call, tokenizer):
                 out = []
                 for i, h, r, tok in payload:
                     if (i, h, r) not in flush:
-                        flush[i, h, r] = TextFlush(tokenizer, call.job.configs[h].eos_ids)
+                        c = call.job.configs[h]
+                        flush[i, h, r] = TextFlush(tokenizer, c.eos_ids, c.max_new_tokens, c.stop_strings)
                     out.append(delta(i, h, r, flush[i, h, r].push(tok)))
                 if any(out):
                     yield "".join(out)
             elif kind == "result":
                 i, res = payload
                 results[i] = res
-                rest = [delta(i, h, r, flush[i, h, r].finish(text_of(tokenizer, ids)))
+                rest = [delta(i, h, r, flush[i, h, r].emit(text_of(tokenizer, ids, call.job.configs[h].stop_strings)))
                         for h, seqs in res.tokens.items() for r, ids in enumerate(seqs) if (i, h, r) in flush]
                 if any(rest):
                     yield "".join(rest)

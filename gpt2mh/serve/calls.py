@@ -53,9 +53,6 @@ class Call:
         if self.open:
             self.service.worker.cancel(self.id)
 
-    def cancel(self, index: int | None = None) -> None:
-        self.service.worker.cancel(self.id, index)
-
     def done(self, index: int) -> None:
         """Input `index` needs no more events (a result came, or the caller stopped it)."""
         self.open.discard(index)

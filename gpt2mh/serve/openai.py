@@ -2,9 +2,8 @@
 so the official `openai` client and tools that speak it work unchanged.
 
 OpenAI's meanings: max_tokens (default 16), temperature (default 1; 0 = greedy), top_p, n, seed,
-stop (up to 4 strings: the text is cut before the first one, which is not returned; stop strings are
-matched on the host, and an input whose choices have all stopped is cancelled in the engine), stream
-(`data: {chunk}` events, then `data: [DONE]`)."""
+stop (up to 4 strings: the library's stop_strings, so the engine ends a choice at the first one and the
+text is cut before it), stream (`data: {chunk}` events, then `data: [DONE]`)."""
 from __future__ import annotations
 
 import time
@@ -18,7 +17,7 @@ from .calls import Call, ClientGone, engine_error
 from .schemas import ApiError, Job, check_keys, configs, prompts, seed_of, strings
 from .wire import read_body, sse, text_of
 
-FIELDS = {"num_return_sequences": "n", "max_new_tokens": "max_tokens"}
+FIELDS = {"num_return_sequences": "n", "max_new_tokens": "max_tokens", "stop_strings": "stop"}
 USED = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user",
         "stream_options"}
 OFF = {"echo": (False, None), "best_of": (1, None), "logprobs": (None,), "suffix": (None,),
@@ -26,44 +25,30 @@ OFF = {"echo": (False, None), "best_of": (1, None), "logprobs": (None,), "suffix
 
 
 class Choice:
-    """One choice's text as tokens arrive: stable text (`TextFlush`), cut before the first stop string;
-    a text that may be the start of a stop string is held back until it is not."""
+    """One choice: its text as tokens arrive (`TextFlush`: a possible stop string held back, the text cut
+    before one), its token count and why it ended."""
 
-    def __init__(self, tokenizer, eos_ids, stops: list[str]):
-        self.flush, self.eos, self.stops = TextFlush(tokenizer, eos_ids), tuple(eos_ids), stops
-        self.text = self.sent = ""
+    def __init__(self, tokenizer, cfg):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.flush = TextFlush(tokenizer, cfg.eos_ids, cfg.max_new_tokens, cfg.stop_strings)
         self.tokens, self.finish = 0, None
 
+    @property
+    def text(self) -> str:
+        return self.flush.sent
+
     def push(self, tok: int) -> str:
-        if self.finish:
-            return ""
-        self.tokens += tok not in self.eos
-        self.text += self.flush.push(tok)
-        return self._visible(final=tok in self.eos)
+        self.tokens += tok not in self.cfg.eos_ids
+        return self.flush.push(tok)
 
-    def end(self, text: str, max_tokens: int) -> str:
-        if self.finish:
-            return ""
-        self.text += self.flush.finish(text)
-        new = self._visible(final=True)
-        self.finish = self.finish or ("length" if self.tokens >= max_tokens else "stop")
-        return new
-
-    def _visible(self, final: bool) -> str:
-        at = [self.text.find(s) for s in self.stops if s in self.text]
-        if at:
-            self.finish, visible = "stop", self.text[:min(at)]
-        elif final:
-            visible = self.text
-        else:
-            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            visible = self.text[:len(self.text) - hold]
-        new = visible[len(self.sent):]
-        self.sent = visible
-        return new
+    def end(self, ids: list[int]) -> str:
+        text = text_of(self.tokenizer, ids, self.cfg.stop_strings)
+        stopped = any(t in self.cfg.eos_ids for t in ids) or text != text_of(self.tokenizer, ids)
+        self.finish = "stop" if stopped or self.tokens < self.cfg.max_new_tokens else "length"
+        return self.flush.emit(text)
 
 
-def completion_job(body: dict, service) -> tuple[Job, str, list[str], int]:
+def completion_job(body: dict, service) -> tuple[Job, str]:
     model = service.model
     check_keys(body, USED | set(OFF))
     for key, off in OFF.items():
@@ -82,17 +67,18 @@ def completion_job(body: dict, service) -> tuple[Job, str, list[str], int]:
                 "top_p": 1 if body.get("top_p") is None else body["top_p"],
                 "max_new_tokens": 16 if body.get("max_tokens") is None else body["max_tokens"],
                 "num_return_sequences": 1 if body.get("n") is None else body["n"]}
-    cfgs = configs(model, [head], controls, None, service.settings.limits, FIELDS)
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    controls["stop_strings"] = tuple(stops)
+    cfgs = configs(model, [head], controls, None, service.settings.limits, FIELDS)
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ApiError(422, f"stream={stream!r} must be true or false", param="stream")
     job = Job(texts, prompts(model, service.tokenizer, texts, cfgs, "prompt", "max_tokens"), cfgs,
               seed_of(body.get("seed"), model.device), stream)
-    return job, head, stops, cfgs[head].max_new_tokens
+    return job, head
 
 
 def router(service) -> APIRouter:
@@ -105,9 +91,8 @@ def router(service) -> APIRouter:
 
     @r.post("/v1/completions")
     async def completions(request: Request):
-        job, head, stops, max_tokens = completion_job(await read_body(request, service), service)
-        n = job.configs[head].num_return_sequences
-        run = Completion(service, job, head, stops, max_tokens, n)
+        job, head = completion_job(await read_body(request, service), service)
+        run = Completion(service, job, head)
         if job.stream:
             call = await Call(service, request, job, watch_disconnect=False).__aenter__()
             return StreamingResponse(run.chunks(call), media_type="text/event-stream",
@@ -118,18 +103,18 @@ def router(service) -> APIRouter:
                     pass
             except ClientGone:
                 return Response(status_code=499)
-        return run.body([{"text": c.sent, "index": k, "logprobs": None, "finish_reason": c.finish}
+        return run.body([{"text": c.text, "index": k, "logprobs": None, "finish_reason": c.finish}
                          for k, c in enumerate(run.choices)], usage=True)
 
     return r
 
 
 class Completion:
-    def __init__(self, service, job: Job, head: str, stops, max_tokens: int, n: int):
-        self.job, self.head, self.max_tokens, self.n = job, head, max_tokens, n
-        self.tokenizer = service.tokenizer
-        eos = job.configs[head].eos_ids
-        self.choices = [Choice(self.tokenizer, eos, stops) for _ in range(len(job.prompts) * n)]
+    def __init__(self, service, job: Job, head: str):
+        self.job, self.head = job, head
+        cfg = job.configs[head]
+        self.n = cfg.num_return_sequences
+        self.choices = [Choice(service.tokenizer, cfg) for _ in range(len(job.prompts) * self.n)]
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     async def events(self, call: Call):
@@ -137,17 +122,11 @@ class Completion:
         async for kind, payload in call:
             if kind == "tokens":
                 for i, _, r, tok in payload:
-                    k = i * self.n + r
-                    yield k, self.choices[k].push(tok)
-                    mine = self.choices[i * self.n:(i + 1) * self.n]
-                    if all(c.finish for c in mine):  # every choice stopped: the input is done
-                        call.cancel(i)
-                        call.done(i)
+                    yield i * self.n + r, self.choices[i * self.n + r].push(tok)
             elif kind == "result":
                 i, res = payload
                 for r, ids in enumerate(res.tokens.get(self.head, [])):
-                    yield i * self.n + r, self.choices[i * self.n + r].end(text_of(self.tokenizer, ids),
-                                                                           self.max_tokens)
+                    yield i * self.n + r, self.choices[i * self.n + r].end(ids)
             elif kind == "error":
                 raise engine_error(*payload)
 

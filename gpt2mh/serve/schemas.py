@@ -16,6 +16,7 @@ from ..inference.request import call_configs, call_seed, check_room, hf_aliases
 from ..inputs import encode_input, encode_target
 
 CONTROLS = [f.name for f in fields(SamplingConfig)]
+NOT_SERVED = {"num_beams": 1, "choices": (), "output_scores": False}  # the library's; not over HTTP yet
 
 
 class ApiError(Exception):
@@ -106,6 +107,10 @@ def configs(model, heads, controls: dict, per_head, limits: Limits, field: dict 
         raise ApiError(422, message, param=_param(message, per_head, field)) from None
     out = dict(zip(names, cfgs))
     for h, c in out.items():
+        for key, off in NOT_SERVED.items():
+            if getattr(c, key) != off:
+                raise ApiError(422, f"{key}={getattr(c, key)!r} (head {h!r}) is not served over HTTP yet; use the "
+                               f"library (generate_text) for it", param=_where(key, h, per_head, field))
         for key, limit in (("max_new_tokens", limits.max_new_tokens), ("num_return_sequences", limits.max_n)):
             if getattr(c, key) > limit:
                 name = field.get(key, key)

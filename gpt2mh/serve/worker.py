@@ -8,7 +8,7 @@ input index) — and receive its events through `job.deliver(kind, payload)`, ca
     ("error", (index or None, exception))       the input (None: the whole job) failed
 
 The queue source yields `IDLE` when the queue is empty and blocks when the engine has nothing to do
-(`Engine.idle`). `cancel` (a disconnect, a timeout, a stop string) drops the job's inputs that have
+(`Engine.idle`). `cancel` (a disconnect, a timeout, the shutdown) drops the job's inputs that have
 not reached the engine and retires the rest there (`Engine.cancel`).
 
 An exception inside the engine fails no bystander: the inputs the engine held are run again, each
@@ -41,9 +41,9 @@ class Job:
 
 
 class Worker:
-    def __init__(self, model, heads: list[str], *, slots: int | dict[str, int], max_n: int,
+    def __init__(self, model, tokenizer, heads: list[str], *, slots: int | dict[str, int], max_n: int,
                  prompt_rows: int | None = None, compile: bool = False, metrics=None):
-        self.model, self.heads, self.max_n = model, list(heads), max_n
+        self.model, self.tokenizer, self.heads, self.max_n = model, tokenizer, list(heads), max_n
         self.compile, self.metrics = compile, metrics
         # slots per head: given, or the total split equally (requests' budgets are not known in advance)
         self.slots = dict(zip(self.heads, group_sizes(self.heads, slots, [max_n] * len(self.heads), None)))
@@ -81,14 +81,13 @@ class Worker:
         self._gauges()
         return True
 
-    def cancel(self, job_id: int, index: int | None = None) -> None:
-        """Drop a job's input (index) or all of its inputs still running; no more events for them."""
+    def cancel(self, job_id: int) -> None:
+        """Drop the job's inputs still running; no more events for them."""
         with self.lock:
             job = self.jobs.get(job_id)
             if job is None:
                 return
-            keys = [r.key for r in job.requests if index is None or r.key[1] == index]
-            for key in keys:
+            for key in [r.key for r in job.requests]:
                 self._forget(key)
                 if key in self.inflight and self.engine is not None:
                     self.engine.cancel(key)
@@ -126,11 +125,12 @@ class Worker:
         returns = {h: self.max_n for h in self.heads}
         if alone is None:
             return Engine(self.model, self.heads, slots=self.slots, returns=returns, prompt_rows=self.prompt_rows,
-                          compile=self.compile)
+                          compile=self.compile, tokenizer=self.tokenizer)
         names = list(alone.configs)
         return Engine(self.model, names, slots={h: alone.configs[h].num_return_sequences for h in names},
                       returns={h: alone.configs[h].num_return_sequences for h in names}, prompt_rows=1,
-                      prompt_len=len(alone.ids), gen_len=max(c.max_new_tokens for c in alone.configs.values()))
+                      prompt_len=len(alone.ids), gen_len=max(c.max_new_tokens for c in alone.configs.values()),
+                      tokenizer=self.tokenizer)
 
     def _source(self, engine: Engine):
         while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 import gpt2mh.inference.decode as dec
 import gpt2mh.inference.engine as eng
@@ -35,9 +36,9 @@ def replaying_step():
     def step(*args):
         out = dec.decode_one_token(*args)
         if not static:
-            static.append(type(out)(*(t.clone() for t in out)))
+            static.append(pytree.tree_map(torch.clone, out))  # SlotState nests Beams: every tensor leaf
         else:
-            for buf, t in zip(static[0], out):
+            for buf, t in zip(pytree.tree_leaves(static[0]), pytree.tree_leaves(out)):
                 buf.copy_(t)
         return static[0]
 
@@ -105,9 +106,9 @@ def test_decode_step_does_not_mutate_its_inputs(model):
     events = engine.events(requests)
     assert isinstance(next(events), Tokens)  # every input admitted, its first tokens drawn
     state = engine.state
-    before = [t.clone() for t in state]
+    before = [t.clone() for t in pytree.tree_leaves(state)]
     out = dec.decode_one_token(model, engine._fixed(), state, engine.controls, engine.plan)
-    for b, t in zip(before, state):
+    for b, t in zip(before, pytree.tree_leaves(state)):
         assert torch.equal(b, t)
     live = state.unfinished
     assert torch.equal(out.n_gen, state.n_gen + live.long()) and bool(live.any())

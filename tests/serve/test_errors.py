@@ -83,6 +83,7 @@ def test_max_new_tokens_above_the_limit_is_400(server):
     ({"seed": -1}, "seed", "seed=-1"),
     ({"stream": "yes"}, "stream", "stream='yes'"),
     ({"temprature": 1.0}, "temprature", "unknown field"),
+    ({"per_head": {"pos": {"num_beams": 2}}}, "per_head.pos.num_beams", "not served over HTTP yet"),
 ])
 def test_bad_control_values_are_422_with_the_librarys_message(server, body, param, match):
     error(post(server, {"inputs": "x", **body}), 422, param, match)

@@ -114,3 +114,18 @@ def test_many_distinct_controls_keep_serving(server, reference):
         assert r.json()["results"][0]["usage"]["new_tokens"] == {"reading": 1}
     r = post(server, {"inputs": TEXTS, "max_new_tokens": 12})
     assert texts_by_head(r.json()) == generate_text(model, tok, TEXTS, max_new_tokens=12, compile=False)
+
+
+def test_stop_strings_equal_the_library(server, reference):
+    model, tok = reference
+    full = generate_text(model, tok, TEXTS[0], heads=["pos"], max_new_tokens=30, compile=False)["pos"][0]
+    stop = full[5:7]
+    body = {"inputs": TEXTS[0], "heads": ["pos"], "max_new_tokens": 30, "stop_strings": [stop]}
+    plain = post(server, body).json()["results"][0]
+    want = generate_text(model, tok, TEXTS[0], heads=["pos"], max_new_tokens=30, stop_strings=[stop],
+                         compile=False)["pos"][0]
+    assert plain["outputs"]["pos"] == want == full[:full.index(stop)]
+    assert plain["usage"]["new_tokens"]["pos"] < 30  # the engine stopped there
+    with httpx.stream("POST", server.url + "/v1/generate", json={**body, "stream": True}, timeout=60) as r:
+        *deltas, final = events(r)
+    assert "".join(e["text"] for e in deltas) == want and final["results"][0] == plain
