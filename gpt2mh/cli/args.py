@@ -169,3 +169,8 @@ def stream_refusal(controls: dict, per_head: dict) -> None:
         raise UsageError(f"--stream prints one output per input and head, but num_return_sequences="
                          f"{max(many.values())} ({where}num_return_sequences) asks for more: drop --stream "
                          f"(the plain and --json outputs list them) or num_return_sequences")
+    beams = [h for h, c in {"": controls, **per_head}.items() if isinstance(c, dict) and (c.get("num_beams") or 1) > 1]
+    if beams:  # a beam's text is final only when its search ends
+        where = ", ".join(f"--head {h}:" if h else "--controls " for h in beams)
+        raise UsageError(f"--stream: beam search ({where}num_beams) has no text before the search ends; "
+                         f"drop --stream or num_beams")

@@ -47,13 +47,15 @@ def cmd_serve(args) -> None:
     at_least("--max-body-bytes", args.max_body_bytes, 64)
     at_least("--max-new-tokens-limit", args.max_new_tokens_limit, 1)
     at_least("--max-n", args.max_n, 1)
+    at_least("--max-beams", args.max_beams, 1)
     key = args.api_key if args.api_key is not None else os.environ.get("GPT2MH_API_KEY") or None
     model, tok = load_model_and_tokenizer(args.model, args.device, args.revision)
     if args.int8:
         model.quantize("int8")
     settings = Settings(max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout, api_key=key,
-                        limits=Limits(max_new_tokens=args.max_new_tokens_limit, max_n=args.max_n))
+                        limits=Limits(max_new_tokens=args.max_new_tokens_limit, max_n=args.max_n,
+                                      max_beams=args.max_beams))
     slots = head_slots(args.head_slots, list(model.head_names), args.max_n) if args.head_slots else \
         args.slots or (256 if model.device.type == "cuda" else 64)
     serve(model, tok, host=args.host, port=args.port, slots=slots, prompt_rows=args.prompt_rows, compile=args.compile,
@@ -89,6 +91,9 @@ def add_parsers(add) -> None:
                    help="largest max_new_tokens a request may ask for (default: 512)")
     s.add_argument("--max-n", dest="max_n", type=int, default=4,
                    help="largest num_return_sequences (n) a request may ask for (default: 4)")
+    s.add_argument("--max-beams", dest="max_beams", type=int, default=1,
+                   help="largest num_beams a request may ask for (default: 1, no beam search; with K > 1 every "
+                        "input takes a block of K slots in each head, so the slots hold K times fewer inputs)")
     s.add_argument("--int8", action="store_true", help="int8 weights (CPU inference)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the decode step")

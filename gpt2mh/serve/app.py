@@ -115,18 +115,32 @@ async def collect(call: Call) -> dict:
 
 
 def outputs(tokenizer, job, results: dict) -> dict:
-    """The response body: per input {head: text} ({head: [texts]} with num_return_sequences > 1) and usage."""
+    """The response body: per input {head: text} ({head: [texts]} with num_return_sequences > 1) and usage;
+    "logprobs" for choices heads (the answer's), with output_scores "token_logprobs" (each token's, per
+    sequence) and, for beam search, "sequence_scores"."""
     rows = []
     for i in range(len(job.prompts)):
         r = results[i]
-        out = {}
-        for h, seqs in r.tokens.items():
-            texts = [text_of(tokenizer, ids, job.configs[h].stop_strings) for ids in seqs]
-            out[h] = texts if job.configs[h].num_return_sequences > 1 else texts[0]
+        out = {h: head_text(tokenizer, job.configs[h], r, h) for h in r.tokens}
         usage = {"prompt_tokens": r.prompt_tokens, "new_tokens": {h: sum(map(len, s)) for h, s in r.tokens.items()}}
-        rows.append({"index": i, "outputs": out, "usage": usage})
+        row = {"index": i, "outputs": out, "usage": usage}
+        if r.choice:
+            row["logprobs"] = {h: lp for h, (_, lp) in r.choice.items()}
+        if r.scores:
+            row["token_logprobs"] = r.scores
+        if r.sequence_scores:
+            row["sequence_scores"] = r.sequence_scores
+        rows.append(row)
     return {"results": rows, "usage": {"prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in rows),
                                        "new_tokens": sum(sum(r["usage"]["new_tokens"].values()) for r in rows)}}
+
+
+def head_text(tokenizer, cfg, r, h: str):
+    """One head's text(s) of a Result: the chosen choice, or the decoded ids (cut at a stop string)."""
+    if cfg.choices:
+        return cfg.choices[r.choice[h][0]]
+    texts = [text_of(tokenizer, ids, cfg.stop_strings) for ids in r.tokens[h]]
+    return texts if cfg.num_return_sequences > 1 else texts[0]
 
 
 async def stream_events(call: Call, tokenizer):
@@ -154,6 +168,10 @@ async def stream_events(call: Call, tokenizer):
                 results[i] = res
                 rest = [delta(i, h, r, flush[i, h, r].emit(text_of(tokenizer, ids, call.job.configs[h].stop_strings)))
                         for h, seqs in res.tokens.items() for r, ids in enumerate(seqs) if (i, h, r) in flush]
+                for h, c in call.job.configs.items():  # beams and choices: their text comes whole, at the end
+                    if h in res.tokens and (c.num_beams > 1 or c.choices):
+                        texts = head_text(tokenizer, c, res, h)
+                        rest += [delta(i, h, r, t) for r, t in enumerate(texts if isinstance(texts, list) else [texts])]
                 if any(rest):
                     yield "".join(rest)
             elif kind == "error":

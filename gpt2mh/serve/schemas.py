@@ -16,7 +16,6 @@ from ..inference.request import call_configs, call_seed, check_room, hf_aliases
 from ..inputs import encode_input, encode_target
 
 CONTROLS = [f.name for f in fields(SamplingConfig)]
-NOT_SERVED = {"num_beams": 1, "choices": (), "output_scores": False}  # the library's; not over HTTP yet
 
 
 class ApiError(Exception):
@@ -32,7 +31,8 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_new_tokens: int  # --max-new-tokens-limit
-    max_n: int           # num_return_sequences / n at most (the engine's members per input)
+    max_n: int           # num_return_sequences / n / choices at most (the engine's members per input)
+    max_beams: int = 1   # --max-beams: num_beams at most (1: no beam search)
 
 
 @dataclass
@@ -107,15 +107,16 @@ def configs(model, heads, controls: dict, per_head, limits: Limits, field: dict 
         raise ApiError(422, message, param=_param(message, per_head, field)) from None
     out = dict(zip(names, cfgs))
     for h, c in out.items():
-        for key, off in NOT_SERVED.items():
-            if getattr(c, key) != off:
-                raise ApiError(422, f"{key}={getattr(c, key)!r} (head {h!r}) is not served over HTTP yet; use the "
-                               f"library (generate_text) for it", param=_where(key, h, per_head, field))
-        for key, limit in (("max_new_tokens", limits.max_new_tokens), ("num_return_sequences", limits.max_n)):
+        for key, limit, flag in (("max_new_tokens", limits.max_new_tokens, "--max-new-tokens-limit"),
+                                 ("num_return_sequences", limits.max_n, "--max-n"),
+                                 ("num_beams", limits.max_beams, "--max-beams")):
             if getattr(c, key) > limit:
                 name = field.get(key, key)
-                raise ApiError(400, f"{name}={getattr(c, key)} (head {h!r}) is above this server's limit {limit}",
-                               param=_where(key, h, per_head, field))
+                raise ApiError(400, f"{name}={getattr(c, key)} (head {h!r}) is above this server's limit {limit} "
+                               f"({flag})", param=_where(key, h, per_head, field))
+        if len(c.choices) > limits.max_n:
+            raise ApiError(400, f"{len(c.choices)} choices (head {h!r}) are above this server's limit {limits.max_n} "
+                           f"(--max-n: each choice is scored in a slot)", param=_where("choices", h, per_head, field))
     return out
 
 

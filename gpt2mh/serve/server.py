@@ -57,6 +57,7 @@ def serve(model, tokenizer, *, host: str, port: int, slots: int | dict[str, int]
         print(f"gpt2mh serve: warning: listening on {host} without an API key: anyone who can reach this address "
               f"can use the model; set --api-key or GPT2MH_API_KEY", file=sys.stderr, flush=True)
     worker = Worker(model, tokenizer, list(model.head_names), slots=slots, max_n=settings.limits.max_n, prompt_rows=prompt_rows,
+                    max_beams=settings.limits.max_beams,
                     compile=compile)
     metrics = worker.metrics = Metrics(sum(worker.slots.values()))
     service = Service(model, tokenizer, worker, metrics, settings)

@@ -42,8 +42,9 @@ class Job:
 
 class Worker:
     def __init__(self, model, tokenizer, heads: list[str], *, slots: int | dict[str, int], max_n: int,
-                 prompt_rows: int | None = None, compile: bool = False, metrics=None):
+                 prompt_rows: int | None = None, compile: bool = False, metrics=None, max_beams: int = 1):
         self.model, self.tokenizer, self.heads, self.max_n = model, tokenizer, list(heads), max_n
+        self.max_beams = max_beams  # > 1: every input takes a block of max_beams slots per head (beam search)
         self.compile, self.metrics = compile, metrics
         # slots per head: given, or the total split equally (requests' budgets are not known in advance)
         self.slots = dict(zip(self.heads, group_sizes(self.heads, slots, [max_n] * len(self.heads), None)))
@@ -125,12 +126,13 @@ class Worker:
         returns = {h: self.max_n for h in self.heads}
         if alone is None:
             return Engine(self.model, self.heads, slots=self.slots, returns=returns, prompt_rows=self.prompt_rows,
-                          compile=self.compile, tokenizer=self.tokenizer)
+                          compile=self.compile, tokenizer=self.tokenizer,
+                          beams={h: self.max_beams for h in self.heads})
         names = list(alone.configs)
-        return Engine(self.model, names, slots={h: alone.configs[h].num_return_sequences for h in names},
-                      returns={h: alone.configs[h].num_return_sequences for h in names}, prompt_rows=1,
-                      prompt_len=len(alone.ids), gen_len=max(c.max_new_tokens for c in alone.configs.values()),
-                      tokenizer=self.tokenizer)
+        rows = {h: max(c.num_return_sequences, c.num_beams, len(c.choices)) for h, c in alone.configs.items()}
+        return Engine(self.model, names, slots=rows, returns=rows, prompt_rows=1, prompt_len=len(alone.ids),
+                      gen_len=max(c.max_new_tokens for c in alone.configs.values()), tokenizer=self.tokenizer,
+                      beams={h: c.num_beams for h, c in alone.configs.items()})
 
     def _source(self, engine: Engine):
         while True:

@@ -44,7 +44,9 @@ CONTROL_VALUES = {"do_sample": ("true", "false"), "temperature": ("0.5", "0.7"),
                   "top_p": ("0.5", "0.9"), "min_p": ("0.1", "0.2"), "typical_p": ("0.5", "0.9"),
                   "repetition_penalty": ("1.2", "1.5"), "no_repeat_ngram_size": ("2", "3"),
                   "bad_words_ids": ("5", "6;7 8"), "min_new_tokens": ("1", "2"), "max_new_tokens": ("3", "4"),
-                  "eos_token_id": ("2", "2 3"), "pad_token_id": ("3", "none"), "num_return_sequences": ("1", "2")}
+                  "eos_token_id": ("2", "2 3"), "pad_token_id": ("3", "none"), "num_return_sequences": ("1", "2"),
+                  "num_beams": ("1", "2"), "length_penalty": ("0.5", "2"), "early_stopping": ("true", "never"),
+                  "stop_strings": ("。", "、|。"), "output_scores": ("true", "false"), "choices": ("はい|いいえ", "はい")}
 
 
 def test_every_control_is_covered():

@@ -69,7 +69,10 @@ STREAM_CONTROLS = {"do_sample": "do_sample=true", "temperature": "do_sample=true
                    "repetition_penalty": "repetition_penalty=1.5", "no_repeat_ngram_size": "no_repeat_ngram_size=2",
                    "bad_words_ids": "bad_words_ids=5;6 7", "min_new_tokens": "min_new_tokens=3",
                    "max_new_tokens": "max_new_tokens=2", "eos_token_id": "eos_token_id=2 3",
-                   "pad_token_id": "pad_token_id=0", "num_return_sequences": "do_sample=true,num_return_sequences=2"}
+                   "pad_token_id": "pad_token_id=0", "num_return_sequences": "do_sample=true,num_return_sequences=2",
+                   "num_beams": "num_beams=2", "length_penalty": "length_penalty=0.5",
+                   "early_stopping": "early_stopping=never", "stop_strings": "stop_strings=の|は",
+                   "output_scores": "output_scores=true", "choices": "choices=はい|いいえ|たぶん"}
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,10 @@ def test_max_new_tokens_above_the_limit_is_400(server):
     error(post(server, {"inputs": "x", "per_head": {"pos": {"max_new_tokens": 600}}}), 400,
           "per_head.pos.max_new_tokens", "limit 512")
     error(post(server, {"inputs": "x", "num_return_sequences": 5}), 400, "num_return_sequences", "limit 4")
+    error(post(server, {"inputs": "x", "per_head": {"pos": {"num_beams": 2}}}), 400, "per_head.pos.num_beams",
+          "limit 1 (--max-beams)")
+    error(post(server, {"inputs": "x", "per_head": {"pos": {"choices": list("abcde")}}}), 400, "per_head.pos.choices",
+          "limit 4")
 
 
 @pytest.mark.parametrize("body, param, match", [
@@ -83,7 +87,8 @@ def test_max_new_tokens_above_the_limit_is_400(server):
     ({"seed": -1}, "seed", "seed=-1"),
     ({"stream": "yes"}, "stream", "stream='yes'"),
     ({"temprature": 1.0}, "temprature", "unknown field"),
-    ({"per_head": {"pos": {"num_beams": 2}}}, "per_head.pos.num_beams", "not served over HTTP yet"),
+    ({"per_head": {"pos": {"early_stopping": "soon"}}}, "per_head.pos.early_stopping", "early_stopping='soon'"),
+    ({"per_head": {"pos": {"choices": ["a", "a"]}}}, "per_head.pos.choices", "must not repeat"),
 ])
 def test_bad_control_values_are_422_with_the_librarys_message(server, body, param, match):
     error(post(server, {"inputs": "x", **body}), 422, param, match)
