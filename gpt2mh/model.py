@@ -156,7 +156,7 @@ def heads_matmul_groups(h: torch.Tensor, heads, sizes: Sequence[int]) -> torch.T
     if not isinstance(heads, torch.Tensor):
         return heads.matmul_groups(parts)
     zero = h.new_zeros(())
-    return torch.cat([torch.addmm(zero, x, heads[n], beta=0) for n, x in enumerate(parts)])
+    return torch.cat([torch.addmm(zero, x, heads[n], beta=0) for n, x in enumerate(parts) if x.size(0)])  # 0: idle
 
 
 class GPT2(nn.Module):

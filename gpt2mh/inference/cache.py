@@ -38,7 +38,8 @@ class Decode(NamedTuple):
     gen_pos: Tensor       # (S,) long: the generated-cache column of each slot's newest token
     grid: Tensor          # (P * K,) long: the slot at each (prompt row, member) cell; S = empty
     cell: Tensor          # (S,) long: each slot's cell in the grid (an idle slot: any cell)
-    prompt_valid: Tensor  # (P, Tp) bool: False at a prompt row's padding
+    prompt_valid: Tensor  # (P, Tp) bool: False at a prompt row's padding (P: the rows in use, a front)
+    rows: Tensor | None = None  # (S',) long: the slots this step decodes (None: all S, in order)
 
 
 class SlotCache(nn.Module):
@@ -76,28 +77,30 @@ class SlotCache(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _decode(self, q, k, v, where: Decode) -> Tensor:
-        # q, k, v: (S, nh, 1, hs), one new token per slot.
+        # q, k, v: (S, nh, 1, hs), one new token per slot (per slot of where.rows when given).
         S, nh, _, hs = q.shape
-        P, _, Tp, _ = self.k_prompt.shape
+        P, Tp = where.prompt_valid.shape
         G = self.k_gen.size(2)
         K = where.grid.numel() // P
-        slots = torch.arange(S, device=q.device)
+        slots = torch.arange(S, device=q.device) if where.rows is None else where.rows
         self.k_gen[slots, :, where.gen_pos] = k[:, :, 0]
         self.v_gen[slots, :, where.gen_pos] = v[:, :, 0]
+        k_gen, v_gen = (self.k_gen, self.v_gen) if where.rows is None else (self.k_gen[slots], self.v_gen[slots])
+        k_prompt, v_prompt = self.k_prompt[:P], self.v_prompt[:P]
         scale = 1.0 / math.sqrt(hs)
         q = q[:, :, 0]  # (S, nh, hs)
         # prompt segment, per prompt row for its K member streams
         qg = F.pad(q, (0, 0, 0, 0, 0, 1))[where.grid].view(P, K, nh, hs).transpose(1, 2)  # (P, nh, K, hs)
-        sp = (qg @ self.k_prompt.transpose(-1, -2)) * scale  # (P, nh, K, Tp)
+        sp = (qg @ k_prompt.transpose(-1, -2)) * scale  # (P, nh, K, Tp)
         sp = sp.masked_fill(~where.prompt_valid[:, None, None, :], _NEG_INF)
         sp = sp.transpose(1, 2).reshape(P * K, nh, Tp)[where.cell]  # (S, nh, Tp)
         # generated segment, per slot
-        sg = (q[:, :, None, :] @ self.k_gen.transpose(-1, -2))[:, :, 0] * scale  # (S, nh, G)
+        sg = (q[:, :, None, :] @ k_gen.transpose(-1, -2))[:, :, 0] * scale  # (S, nh, G)
         mine = torch.arange(G, device=q.device) <= where.gen_pos[:, None]  # (S, G)
         sg = sg.masked_fill(~mine[:, None, :], _NEG_INF)
         a = torch.cat([sp, sg], -1).softmax(-1)  # (S, nh, Tp + G): one softmax over both segments
         ap, ag = a.split([Tp, G], -1)
-        y = (ag[:, :, None, :] @ self.v_gen)[:, :, 0]  # (S, nh, hs)
+        y = (ag[:, :, None, :] @ v_gen)[:, :, 0]  # (S, nh, hs)
         apg = F.pad(ap, (0, 0, 0, 0, 0, 1))[where.grid].view(P, K, nh, Tp).transpose(1, 2)  # (P, nh, K, Tp)
-        yp = (apg @ self.v_prompt).transpose(1, 2).reshape(P * K, nh, hs)[where.cell]  # (S, nh, hs)
+        yp = (apg @ v_prompt).transpose(1, 2).reshape(P * K, nh, hs)[where.cell]  # (S, nh, hs)
         return (y + yp)[:, :, None, :]  # (S, nh, 1, hs)

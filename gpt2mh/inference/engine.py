@@ -22,12 +22,14 @@ head needs few slots, a 48-token tag head many, and all groups drain at the same
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ..inputs import encode_target
@@ -172,10 +174,13 @@ class Engine:
         self.slot_stream: list[tuple[_Input, int, int] | None] = [None] * S  # (input, head n, r)
         self.slot_cfg: list[SamplingConfig | None] = [None] * S
         # free slots per head group; a searching head's: the first slot of each free block of W
-        self.free_slots = [deque(range(a, a + n, self.W if b else 1))
+        # (heaps: the lowest free slot first, so live streams stay at the front of their groups and a
+        # quiet engine's steps decode only those: `_active`)
+        self.free_slots = [list(range(a, a + n, self.W if b else 1))
                            for a, n, b in zip(self.first_slot, self.sizes, self.searching)]
         self.block_live: dict[int, int] = {}  # a searching head's block (first slot) -> its live streams
-        self.free_rows = deque(range(self.P))
+        self.free_rows = list(range(self.P))  # a heap, as free_slots
+        self._subset = None  # (what a step on the live slots needs,), kept until the layout changes
         self.configs: list[SamplingConfig] = []  # every config seen: the plan covers them all
         self.was_live = [False] * S
         self.stop_ids: dict[int, tuple[list[int], int]] = {}  # slot -> (ids so far, their text's length): stop_strings
@@ -209,7 +214,7 @@ class Engine:
                 if not admitted and waiting and not done:
                     raise RuntimeError("the engine cannot admit an input although every slot is free")
                 continue
-            self.state = self.step_fn(self.model, self._fixed(), self.state, self.controls, self.plan)
+            self.state = self._step()
             tok, unfinished, bad = self.state.tok.tolist(), self.state.unfinished.tolist(), self.state.bad.tolist()
             if any(bad):
                 raise broken_streams_error(bad, lambda s: self.names[self._head_of(s)])
@@ -253,21 +258,63 @@ class Engine:
         slots = [s for s, st in enumerate(self.slot_stream) if st is not None and st[0].request.key in keys]
         inputs = {}
         for s in slots:
-            x, n, _ = self.slot_stream[s]
+            x = self._free(s)
             inputs[id(x)] = x
-            self.slot_stream[s], self.slot_cfg[s] = None, None
-            self.grid[self.cell[s]] = self.S
-            self.free_slots[n].append(s)
             self.was_live[s] = False
         if slots:  # an idle slot must not advance (its cache column would run past G)
             idx = torch.tensor(slots, device=self.state.unfinished.device)
             self.state = self.state._replace(unfinished=self.state.unfinished.index_fill(0, idx, False))
             self._layout_changed()
         for x in inputs.values():
-            self.free_rows.append(x.prompt_row)
+            heapq.heappush(self.free_rows, x.prompt_row)
             self.prompt_valid[x.prompt_row] = False
             done.append(Result(x.request.key, error=CANCELLED, prompt_tokens=len(x.request.ids)))
         return len(slots), done
+
+    # ---- the step: every slot, or only the front of each group when few are live --------------------
+    def _step(self) -> SlotState:
+        sub = self._active()
+        if sub is None:
+            return self.step_fn(self.model, self._fixed(), self.state, self.controls, self.plan)
+        rows, fixed, controls, plan = sub
+        part = pytree.tree_map(lambda t: t[rows], self.state)
+        new = self.step_fn(self.model, fixed, part, controls, plan)
+        state = _put(self.state, rows, new, torch.arange(len(rows), device=rows.device))
+        return state._replace(bad=state.bad.index_copy(0, rows, new.bad))
+
+    def _active(self):
+        """When the live streams sit in the front of their head groups (slots are handed out lowest
+        first) and leave most slots idle, the step decodes only those fronts — each group up to its
+        highest live slot, rounded up to a power of two, and the prompt rows up to the highest in use —
+        instead of paying a full step for a quiet engine (a server between bursts).
+        None: decode every slot (beam blocks and a compiled step always take the full step)."""
+        if self._subset is not None:  # computed since the layout last changed
+            return self._subset[0]
+        self._subset = (None,)
+        if self.blocks is not None or self.compile:  # compiled: one graph per shape, so always the full step
+            return None
+        sizes, rows = [], []  # per group: its front (0 rows: a group with nothing live)
+        for a, z in zip(self.first_slot, self.sizes):
+            top = max((s - a + 1 for s in range(a, a + z) if self.slot_stream[s] is not None), default=0)
+            k = min(z, 1 << (top - 1).bit_length()) if top else 0
+            sizes.append(k)
+            rows.extend(range(a, a + k))
+        top_row = max((st[0].prompt_row for st in self.slot_stream if st is not None), default=0) + 1
+        P = min(self.P, 1 << (top_row - 1).bit_length())
+        if not rows or len(rows) * 2 > self.S and P * 2 > self.P:  # nothing live, or nearly full: the whole step
+            return None
+        dev = self.model.device
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        position = torch.full((self.S + 1,), len(rows), dtype=torch.long, device=dev)  # slot -> its row here
+        position[idx] = torch.arange(len(rows), device=dev)
+        grid = position[torch.tensor(self.grid[: P * self.K], device=dev)]
+        cell = torch.tensor([self.cell[s] if self.slot_stream[s] is not None else 0 for s in rows], device=dev)
+        where = Decode(gen_pos=None, grid=grid, cell=cell, prompt_valid=self.prompt_valid[:P], rows=idx)
+        controls, plan = self._controls([self.slot_cfg[s] or self.configs[0] for s in rows])
+        fixed = SlotFixed(self.heads, tuple(sizes), self.Tp, self.pos0[idx], self.key[idx], where, None,
+                          self.forced[idx])
+        self._subset = ((idx, fixed, controls, plan),)
+        return self._subset[0]
 
     # ---- admission ------------------------------------------------------------------------------
     def _fits(self, req: Request, taken: list[int], rows: int) -> bool:
@@ -328,7 +375,7 @@ class Engine:
         T = max(len(r.ids) for r in batch)
         ids = torch.tensor([[0] * (T - len(r.ids)) + list(r.ids) for r in batch], dtype=torch.long, device=dev)
         mask = torch.tensor([[0] * (T - len(r.ids)) + [1] * len(r.ids) for r in batch], dtype=torch.long, device=dev)
-        inputs = [_Input(r, self.free_rows.popleft(), {h: [None] * _outputs(c) for h, c in r.configs.items()},
+        inputs = [_Input(r, heapq.heappop(self.free_rows), {h: [None] * _outputs(c) for h, c in r.configs.items()},
                          0, {h: [None] * _outputs(c) for h, c in r.configs.items()},
                          {h: [None] * _outputs(c) for h, c in r.configs.items()}) for r in batch]
         rows = torch.tensor([x.prompt_row for x in inputs], device=dev)
@@ -380,12 +427,12 @@ class Engine:
             if unfinished[i]:
                 if self.searching[n]:
                     if (b, n) not in block:
-                        block[b, n] = self.free_slots[n].popleft()
+                        block[b, n] = heapq.heappop(self.free_slots[n])
                         self.block_live[block[b, n]] = 0
                     s = block[b, n] + r
                     self.block_live[block[b, n]] += 1
                 else:
-                    s = self.free_slots[n].popleft()
+                    s = heapq.heappop(self.free_slots[n])
                 place.append((i, s))
                 if cfgs[i].stop_strings:
                     self.stop_ids[s] = ([tok[i]], len(self.tokenizer.decode([tok[i]])))
@@ -430,22 +477,28 @@ class Engine:
             if r == 0 and self.slot_cfg[s].num_beams > 1:
                 self._beam_outputs(x, n, st.beams, list(range(s, s + self.W)))
         for s in slots:
-            x, n, r = self.slot_stream[s]
-            self.stop_ids.pop(s, None)
-            self.slot_stream[s], self.slot_cfg[s] = None, None
-            self.grid[self.cell[s]] = self.S
-            if self.searching[n]:  # the block is free when its last stream ends
-                s0 = s - (s - self.first_slot[n]) % self.W
-                self.block_live[s0] -= 1
-                if not self.block_live[s0]:
-                    del self.block_live[s0]
-                    self.free_slots[n].append(s0)
-            else:
-                self.free_slots[n].append(s)
+            x = self._free(s)
             x.live -= 1
             if not x.live:
                 yield self._finish(x)
         self._layout_changed()
+
+    def _free(self, s: int) -> _Input:
+        """Slot s holds nothing from now on (a searching head's block is free when its last stream ends);
+        returns the input it held."""
+        x, n, _ = self.slot_stream[s]
+        self.stop_ids.pop(s, None)
+        self.slot_stream[s], self.slot_cfg[s] = None, None
+        self.grid[self.cell[s]] = self.S
+        if self.searching[n]:
+            s0 = s - (s - self.first_slot[n]) % self.W
+            self.block_live[s0] -= 1
+            if not self.block_live[s0]:
+                del self.block_live[s0]
+                heapq.heappush(self.free_slots[n], s0)
+        else:
+            heapq.heappush(self.free_slots[n], s)
+        return x
 
     def _beam_outputs(self, x: _Input, n: int, beams: Beams, rows: list[int]) -> None:
         """A search's results: the best num_return_sequences finished hypotheses of its block (rows)."""
@@ -474,7 +527,7 @@ class Engine:
         return unfinished
 
     def _finish(self, x: _Input) -> Result:
-        self.free_rows.append(x.prompt_row)
+        heapq.heappush(self.free_rows, x.prompt_row)
         self.prompt_valid[x.prompt_row] = False
         cfg = x.request.configs
         choice = {}
@@ -492,10 +545,12 @@ class Engine:
     # ---- per-slot tensors -------------------------------------------------------------------------
     def _layout_changed(self) -> None:
         dev = self.model.device
+        self._subset = None
         cfgs = [c if c is not None else self.configs[0] for c in self.slot_cfg]  # an idle slot: any config
         self.controls, self.plan = self._controls(cfgs)
         self.where = Decode(gen_pos=self.state.n_gen, grid=torch.tensor(self.grid, device=dev),
                             cell=torch.tensor(self.cell, device=dev), prompt_valid=self.prompt_valid)
+        self._active()  # its host tensors now, not at a step
 
     def _fixed(self) -> SlotFixed:
         return SlotFixed(self.heads, self.sizes, self.Tp, self.pos0, self.key, self.where, self.blocks, self.forced)

@@ -166,7 +166,7 @@ class Int8Heads:
 
     def matmul_groups(self, parts) -> torch.Tensor:
         """N row groups (M_n, C) -> (sum M_n, V): group n through head n (model.heads_matmul_groups)."""
-        return torch.cat([lin.kernel(x) for lin, x in zip(self.linears, parts)])
+        return torch.cat([lin.kernel(x) for lin, x in zip(self.linears, parts) if x.size(0)])  # 0 rows: an idle group
 
     def __deepcopy__(self, memo):
         return None

@@ -221,3 +221,30 @@ def test_streaming_a_beam_search_is_refused(hf_checkpoint):
     model = MultiHeadGPT2.from_pretrained(folder, heads=HEADS)
     with pytest.raises(ValueError, match="num_beams"):
         list(stream(model, Tokenizer("tests/fixtures/rinna/spiece.model"), *batch(), num_beams=2, max_new_tokens=3))
+
+
+def test_cancelling_a_search_frees_its_block(pair):
+    # the block of a cancelled search is reused by the next input, whose search is then what it is alone
+    from gpt2mh.inference.engine import CANCELLED, Engine, Request, Result, Tokens
+    from gpt2mh.inference.request import call_configs
+
+    _, ours = pair
+    ids, _ = batch(B=5, pads=(0,) * 5, seed=9)
+    controls = {"max_new_tokens": 8, "eos_token_id": EOS, "pad_token_id": PAD}
+    per_head = {"a": {"num_beams": 3, "num_return_sequences": 2}, "b": {}}
+    names, cfgs = call_configs(ours, ["a", "b"], controls, per_head)
+    engine = Engine(ours, names, slots={"a": 3, "b": 1}, returns={"a": 2, "b": 1}, beams={"a": 3, "b": 1},
+                    prompt_len=16, gen_len=8)  # one block: one search at a time
+    results = {}
+    for event in engine.events(Request(i, row.tolist(), dict(zip(names, cfgs)), 0, i) for i, row in enumerate(ids)):
+        if isinstance(event, Tokens) and any(k == 0 for k, *_ in event.items) and 0 not in results:
+            engine.cancel(0)
+            results[0] = None
+        elif isinstance(event, Result):
+            results[event.key] = event
+    assert results[0].error == CANCELLED and engine.idle and not engine.block_live
+    for i in range(1, 5):
+        alone = ours.generate(ids[i:i + 1], None, heads=names, per_head=per_head, compile=False, **controls)
+        for h in names:
+            got = results[i].tokens[h]
+            assert [alone[h][r, :len(got[r])].tolist() for r in range(len(got))] == got, (i, h)

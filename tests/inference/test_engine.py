@@ -200,3 +200,23 @@ def test_cancel_retires_live_and_waiting_inputs_and_frees_their_slots(model):
     ref = alone(model, ps, cfgs)
     assert {k: r.tokens for k, r in results.items() if k not in (0, 5)} == {k: ref[k] for k in ref if k not in (0, 5)}
     assert engine.busy == 0 and engine.idle and max(busy) <= engine.S
+
+
+@pytest.mark.parametrize("controls", [{}, {"do_sample": True, "top_p": 0.9, "repetition_penalty": 1.2}])
+def test_a_quiet_engine_decodes_only_its_live_slots(model, monkeypatch, controls):
+    # 5 inputs in 64 slots, arriving one at a time: each step decodes the front of each head group
+    # (slots are handed out lowest first) and the prompt rows in use, not all 64; outputs as alone
+    import gpt2mh.inference.engine as eng
+
+    rows = []
+    real = eng.decode_one_token
+
+    def step(model, fixed, state, controls, plan):
+        rows.append(state.tok.shape[0])
+        return real(model, fixed, state, controls, plan)
+
+    monkeypatch.setattr(eng, "decode_one_token", step)
+    ps, cfgs = prompts(5, seed=11), configs(**controls)
+    got = run(model, ps, cfgs, slots=64, prefill_batch=1, seed=3)
+    assert got == alone(model, ps, cfgs, seed=3)
+    assert max(rows) < 64 and min(rows) <= 3, rows  # never the whole 64; one live stream per head: 3 rows
