@@ -66,6 +66,19 @@ def pick_device(device: str | None) -> str:
     return device
 
 
+def number_arg(kind, low, need: str):
+    """An argparse type: `kind(text)` (int or float) at least `low`, else an error saying `need`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: {need}")
+        return value
+    return parse
+
+
 def parse_head_controls(specs: list[str], names) -> dict:
     """`--head reading:temperature=0,max_new_tokens=40` -> {"reading": {...}}."""
     from ..inference.controls import SamplingConfig

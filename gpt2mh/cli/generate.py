@@ -11,6 +11,7 @@ from .args import (
     given_controls,
     head_list,
     load_model_and_tokenizer,
+    number_arg,
     one_setting_each,
     parse_head_controls,
     read_text_inputs,
@@ -19,14 +20,7 @@ from .args import (
 )
 
 
-def slots_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: need at least 1 stream slot")
-    return value
+slots_arg = number_arg(int, 1, "need at least 1 stream slot")
 
 
 def read_inputs(args) -> list[str]:

@@ -4,20 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import UsageError, at_least, load_model_and_tokenizer
+from .args import UsageError, at_least, load_model_and_tokenizer, number_arg
 from .generate import slots_arg
 
 
-def positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
-        return value
-    return parse
+seconds_arg = number_arg(float, 0, "must be >= 0")
 
 
 def head_slots(spec: str, heads: list[str], max_n: int) -> dict[str, int]:
@@ -81,9 +72,9 @@ def add_parsers(add) -> None:
                    help="inputs waiting for a slot at most; more: 429 with Retry-After (default: 256)")
     s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413 (default: 1 MiB)")
-    s.add_argument("--request-timeout", dest="request_timeout", type=positive(float), default=300.0,
+    s.add_argument("--request-timeout", dest="request_timeout", type=seconds_arg, default=300.0,
                    help="seconds a request may run; then 504 and its slots are freed (0: no limit; default: 300)")
-    s.add_argument("--drain-timeout", dest="drain_timeout", type=positive(float), default=30.0,
+    s.add_argument("--drain-timeout", dest="drain_timeout", type=seconds_arg, default=30.0,
                    help="on SIGTERM/SIGINT: seconds for the requests in flight to finish before the exit (default: 30)")
     s.add_argument("--api-key", dest="api_key",
                    help="require Authorization: Bearer KEY on every endpoint but /health (default: $GPT2MH_API_KEY)")

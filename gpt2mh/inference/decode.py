@@ -11,7 +11,9 @@ stream is admitted): it returns a new state and never mutates its inputs other t
 Under CUDA graphs a replay overwrites the previous replay's outputs, so the engine feeds each state
 straight into the next step and reads out what it keeps before the next replay. Sampling noise is
 counter-based (`sampling.stream_noise`), computed inside the step: no host round trip per token,
-and a stream's draws depend on its own key and step only."""
+and a stream's draws depend on its own key and step only. Beam blocks (`gpt2mh.inference.beam`) are
+searched in the step too, their KV-cache rows reordered there; a forced stream (a label choice being
+scored) takes its tokens from `SlotFixed.forced`."""
 from __future__ import annotations
 
 from typing import NamedTuple
