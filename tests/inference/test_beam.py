@@ -248,3 +248,21 @@ def test_cancelling_a_search_frees_its_block(pair):
         for h in names:
             got = results[i].tokens[h]
             assert [alone[h][r, :len(got[r])].tolist() for r in range(len(got))] == got, (i, h)
+
+
+@pytest.mark.slow
+def test_rinna_small_shape_beam_search_matches_hf(hf_checkpoint):
+    # rinna/japanese-gpt2-small's shape (random weights): a padded batch, 3 beams, 2 returns, one EOS
+    cfg = dict(vocab_size=32000, n_positions=1024, n_embd=768, n_layer=12, n_head=12, bos_token_id=BOS,
+               eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.05)
+    hf, folder = hf_checkpoint(cfg)
+    ours = MultiHeadGPT2.from_pretrained(folder, heads=["a"])
+    ids = torch.randint(4, 32000, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = PAD, 0
+    free = hf_beams(hf, ids, mask, num_beams=3, eos_token_id=None)[0]
+    eos = int(free[0, 3])  # a token the search emits: hypotheses end early
+    for kw in (dict(num_beams=3, num_return_sequences=2, eos_token_id=eos),
+               dict(num_beams=4, length_penalty=0.5, early_stopping="never", eos_token_id=eos)):
+        check(ours.generate(ids, mask, compile=False, max_new_tokens=K, output_scores=True,
+                            return_dict_in_generate=True, **kw), hf_beams(hf, ids, mask, **kw), eos=eos)
