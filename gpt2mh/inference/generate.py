@@ -198,13 +198,9 @@ def _text_rows(model, tokenizer, prompts, n, width, heads, per_head, compile, se
             if name not in r.tokens:  # a row that did not ask for this head
                 continue
             used[name] = sum(len(ids) for ids in r.tokens[name])
-            if c.choices:  # the choice itself (its ids may not decode to the same string), and its log-prob
-                out[name] = c.choices[r.choice[name][0]]
+            out[name] = head_output(tokenizer, c, r, name)
+            if c.choices:
                 used.setdefault("logprobs", {})[name] = r.choice[name][1]
-                continue
-            decoded = [cut_stop(tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)), c.stop_strings)
-                       for ids in r.tokens[name]]
-            out[name] = decoded if c.num_return_sequences > 1 else decoded[0]
         yield r.key, out, used
 
 
@@ -223,6 +219,20 @@ def generate_text(model: GPT2, tokenizer, texts: str | Sequence[str], heads=None
             raise ValueError(f"input {i}: {out}")
         rows[i] = out
     return {name: [rows[i][name] for i in range(len(prompts))] for name in rows[0]}
+
+
+def head_output(tokenizer, cfg, result: Result, head: str) -> str | list[str]:
+    """One head's output in a Result as text: the chosen choice (its ids may not decode to the same
+    string), or each stream's text (a list with num_return_sequences > 1)."""
+    if cfg.choices:
+        return cfg.choices[result.choice[head][0]]
+    texts = [text_of(tokenizer, ids, cfg.stop_strings) for ids in result.tokens[head]]
+    return texts if cfg.num_return_sequences > 1 else texts[0]
+
+
+def text_of(tokenizer, ids: list[int], stop_strings=()) -> str:
+    """A stream's text: up to </s>, cut before its first stop string."""
+    return cut_stop(tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)), stop_strings)
 
 
 def strip_after_eos(ids: list[int], eos_id: int) -> list[int]:

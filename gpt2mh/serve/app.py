@@ -12,13 +12,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from ..inference.flush import TextFlush
+from ..inference.generate import head_output, text_of
 from ..inference.score import score_text
 from . import openai
 from .calls import Call, ClientGone, engine_error
 from .gate import Gate
 from .metrics import Metrics
 from .schemas import ApiError, Limits, generate_job, score_job
-from .wire import read_body, sse, text_of
+from .wire import read_body, sse
 
 
 @dataclass
@@ -121,7 +122,7 @@ def outputs(tokenizer, job, results: dict) -> dict:
     rows = []
     for i in range(len(job.prompts)):
         r = results[i]
-        out = {h: head_text(tokenizer, job.configs[h], r, h) for h in r.tokens}
+        out = {h: head_output(tokenizer, job.configs[h], r, h) for h in r.tokens}
         usage = {"prompt_tokens": r.prompt_tokens, "new_tokens": {h: sum(map(len, s)) for h, s in r.tokens.items()}}
         row = {"index": i, "outputs": out, "usage": usage}
         if r.choice:
@@ -133,14 +134,6 @@ def outputs(tokenizer, job, results: dict) -> dict:
         rows.append(row)
     return {"results": rows, "usage": {"prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in rows),
                                        "new_tokens": sum(sum(r["usage"]["new_tokens"].values()) for r in rows)}}
-
-
-def head_text(tokenizer, cfg, r, h: str):
-    """One head's text(s) of a Result: the chosen choice, or the decoded ids (cut at a stop string)."""
-    if cfg.choices:
-        return cfg.choices[r.choice[h][0]]
-    texts = [text_of(tokenizer, ids, cfg.stop_strings) for ids in r.tokens[h]]
-    return texts if cfg.num_return_sequences > 1 else texts[0]
 
 
 async def stream_events(call: Call, tokenizer):
@@ -170,7 +163,7 @@ async def stream_events(call: Call, tokenizer):
                         for h, seqs in res.tokens.items() for r, ids in enumerate(seqs) if (i, h, r) in flush]
                 for h, c in call.job.configs.items():  # beams and choices: their text comes whole, at the end
                     if h in res.tokens and (c.num_beams > 1 or c.choices):
-                        texts = head_text(tokenizer, c, res, h)
+                        texts = head_output(tokenizer, c, res, h)
                         rest += [delta(i, h, r, t) for r, t in enumerate(texts if isinstance(texts, list) else [texts])]
                 if any(rest):
                     yield "".join(rest)

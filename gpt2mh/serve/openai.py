@@ -13,9 +13,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..inference.flush import TextFlush
+from ..inference.generate import text_of
 from .calls import Call, ClientGone, engine_error
 from .schemas import ApiError, Job, check_keys, configs, prompts, seed_of, strings
-from .wire import read_body, sse, text_of
+from .wire import read_body, sse
 
 FIELDS = {"num_return_sequences": "n", "max_new_tokens": "max_tokens", "stop_strings": "stop"}
 USED = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user",

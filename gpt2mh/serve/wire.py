@@ -1,10 +1,8 @@
-"""Bytes in and out: the JSON body under its size limit, server-sent events, token ids as text."""
+"""Bytes in and out: the JSON body under its size limit, server-sent events."""
 from __future__ import annotations
 
 import json
 
-from ..inference.flush import cut_stop
-from ..inference.generate import strip_after_eos
 from .schemas import ApiError, parse_body
 
 
@@ -33,7 +31,3 @@ async def read_body(request, service) -> dict:
 def sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-
-def text_of(tokenizer, ids: list[int], stop_strings=()) -> str:
-    """A stream's text as generate_text makes it: up to </s>, cut before the first stop string."""
-    return cut_stop(tokenizer.decode(strip_after_eos(ids, tokenizer.eos_id)), stop_strings)
